@@ -17,3 +17,12 @@ if _os.path.isfile(_os.path.join(_root, "reference", "__init__.py")) and not _os
     _os.path.join(_os.path.dirname(_os.path.abspath(__file__)), "reference")
 ):
     __path__.append(_root)  # noqa: F821  (__path__ is defined for packages)
+
+from .config import PRESETS, ConfigError, ModelConfig  # noqa: E402
+from .model import InferenceState, Model, ModelOutput, ParamCount, count_params  # noqa: E402
+from .moe import RouterStats  # noqa: E402
+
+__all__ = [
+    "PRESETS", "ConfigError", "ModelConfig", "Model", "ModelOutput", "InferenceState", "ParamCount",
+    "RouterStats", "count_params",
+]

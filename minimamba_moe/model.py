@@ -1,0 +1,183 @@
+"""The language model: embedding, a stack of pre-norm residual layers, final norm, output head.
+
+    x = embed(tokens)                               (b, l, d), residual stream in fp32
+    for each layer:  x = x + mixer(norm(x))         mixer: Mamba | MoE | attention | dense MLP
+    logits = head(final_norm(x))                    (b, l, vocab)
+
+BlackMamba alternates Mamba and MoE layers (layer 0 Mamba); MoE-Mamba pairs them the same way;
+the baselines use only Mamba, or attention with MoE / dense MLPs. ``ModelConfig.layer_pattern``
+says which. Recurrent inference: ``init_state`` allocates each layer's state (a fixed-size
+MambaState, or a KVCache for attention), ``forward(ids, state=...)`` prefills it, and ``step``
+feeds one token at a time.
+
+Where the official code does the same: mamba_ssm/models/mixer_seq_simple.py (MixerModel,
+allocate_inference_cache), Zyphra/BlackMamba mamba_model.py.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+import torch
+import torch.nn as nn
+
+from .attention import CausalSelfAttention
+from .config import ModelConfig
+from .mamba import MambaMixer
+from .moe import MLP, MoE, RouterStats
+
+
+class ModelOutput(NamedTuple):
+    logits: torch.Tensor  # (b, l, vocab_size)
+    aux_loss: torch.Tensor  # () sum of the MoE layers' auxiliary losses (0 without any)
+    router_stats: list[RouterStats]  # one per MoE layer, in layer order
+
+
+class ParamCount(NamedTuple):
+    total: int  # every parameter, the tied embedding once
+    active: int  # used per token: experts counted top_k of n_experts
+    embedding: int  # embedding + untied head (papers often quote counts without these)
+
+
+@dataclass
+class InferenceState:
+    layers: list  # per layer: MambaState, KVCache, or None (MoE / MLP keep no state)
+    seq_len: int = 0  # tokens consumed so far
+    extra: dict = field(default_factory=dict)
+
+
+class Block(nn.Module):
+    """Pre-norm residual block: x + mixer(norm(x))."""
+
+    def __init__(self, config: ModelConfig, kind: str):
+        super().__init__()
+        self.kind = kind
+        self.norm = make_norm(config.norm, config.d_model, config.norm_eps)
+        self.mixer = {"mamba": MambaMixer, "moe": MoE, "attention": CausalSelfAttention, "mlp": MLP}[kind](config)
+
+    def forward(self, x: torch.Tensor, state=None, pos: int = 0):
+        h = self.norm(x.to(self.norm.weight.dtype))
+        stats = None
+        if self.kind == "mamba":
+            h = self.mixer(h, state)
+        elif self.kind == "attention":
+            h = self.mixer(h, state, pos)
+        elif self.kind == "moe":
+            h, stats = self.mixer(h)
+        else:
+            h = self.mixer(h)
+        return x + h.to(x.dtype), stats
+
+    def step(self, x: torch.Tensor, state=None, pos: int = 0) -> torch.Tensor:
+        h = self.norm(x.to(self.norm.weight.dtype))
+        if self.kind == "mamba":
+            h = self.mixer.step(h, state)
+        elif self.kind == "attention":
+            h = self.mixer(h[:, None], state, pos)[:, 0]
+        elif self.kind == "moe":
+            h = self.mixer(h)[0]
+        else:
+            h = self.mixer(h)
+        return x + h.to(x.dtype)
+
+
+def make_norm(kind: str, d: int, eps: float) -> nn.Module:
+    if kind == "rmsnorm":
+        return nn.RMSNorm(d, eps=eps)  # weight only
+    return nn.LayerNorm(d, eps=eps)  # weight and bias
+
+
+class Model(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        config.validate()
+        self.config = config
+        V, d = config.padded_vocab_size, config.d_model
+        self.embedding = nn.Embedding(V, d)
+        self.layers = nn.ModuleList(Block(config, kind) for kind in config.layer_kinds)
+        self.final_norm = None if config.final_norm == "none" else make_norm(config.final_norm, d, config.norm_eps)
+        self.lm_head = nn.Linear(d, V, bias=False)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.embedding.weight
+        self._init_weights()
+
+    @torch.no_grad()
+    def _init_weights(self) -> None:
+        """Embedding (and untied head) N(0, init_std); output projections scaled by 1/sqrt(n_layer)."""
+        nn.init.normal_(self.embedding.weight, std=self.config.init_std)
+        if not self.config.tie_embeddings:
+            nn.init.normal_(self.lm_head.weight, std=self.config.init_std)
+        for p in self.parameters():
+            if getattr(p, "_is_output_projection", False):
+                p.div_(math.sqrt(self.config.n_layer))
+
+    def set_backend(self, backend: str) -> None:
+        """Run the same weights on another kernel backend: reference | fast | auto."""
+        self.config.backend = backend
+        self.config.validate()
+
+    # --- training / prefill ---------------------------------------------------------------------
+    def forward(self, input_ids: torch.Tensor, state: InferenceState | None = None) -> ModelOutput:
+        """input_ids (b, l) int64 -> ModelOutput. With ``state``, continue from it and update it in place."""
+        b, l = input_ids.shape
+        pos = 0 if state is None else state.seq_len
+        x = self.embedding(input_ids)
+        if self.config.residual_in_fp32:
+            x = x.float()
+        stats = []
+        for i, layer in enumerate(self.layers):
+            x, s = layer(x, None if state is None else state.layers[i], pos)
+            if s is not None:
+                stats.append(s)
+        if state is not None:
+            state.seq_len += l
+        aux = sum((s.aux_loss for s in stats), torch.zeros((), device=x.device))
+        return ModelOutput(self._logits(x), aux, stats)
+
+    def _logits(self, x: torch.Tensor) -> torch.Tensor:
+        if self.final_norm is not None:
+            x = self.final_norm(x.to(self.final_norm.weight.dtype))
+        logits = self.lm_head(x.to(self.lm_head.weight.dtype))
+        return logits[..., : self.config.vocab_size]  # padded rows are never predicted
+
+    # --- recurrent inference --------------------------------------------------------------------
+    def init_state(self, batch_size: int, device=None, dtype=None) -> InferenceState:
+        """Per-layer recurrent state for ``batch_size`` sequences, all at position 0."""
+        layers = [
+            layer.mixer.init_state(batch_size, device, dtype) if layer.kind in ("mamba", "attention") else None
+            for layer in self.layers
+        ]
+        return InferenceState(layers)
+
+    @torch.no_grad()
+    def step(self, input_ids: torch.Tensor, state: InferenceState) -> torch.Tensor:
+        """One token per sequence: input_ids (b,) or (b, 1) -> logits (b, vocab_size); state updated in place."""
+        input_ids = input_ids.reshape(-1)
+        x = self.embedding(input_ids)
+        if self.config.residual_in_fp32:
+            x = x.float()
+        for layer, s in zip(self.layers, state.layers):
+            x = layer.step(x, s, state.seq_len)
+        state.seq_len += 1
+        return self._logits(x)
+
+    # --- bookkeeping ----------------------------------------------------------------------------
+    def count_params(self) -> ParamCount:
+        """Total and active (per-token) parameter counts; the tied embedding is counted once."""
+        c = self.config
+        total = sum(p.numel() for p in self.parameters())
+        inactive = 0
+        for layer in self.layers:
+            if layer.kind == "moe":
+                expert = layer.mixer.w1.numel() + layer.mixer.w2.numel()
+                inactive += expert // c.n_experts * (c.n_experts - c.top_k)
+        emb = self.embedding.weight.numel() + (0 if c.tie_embeddings else self.lm_head.weight.numel())
+        return ParamCount(total, total - inactive, emb)
+
+
+def count_params(config: ModelConfig) -> ParamCount:
+    """Parameter counts of a config without allocating its weights (built on the meta device)."""
+    with torch.device("meta"):
+        return Model(config).count_params()

@@ -1,0 +1,145 @@
+"""Mixture-of-Experts MLP layer, its two routers, and the dense MLP of the baselines.
+
+Glossary (code name -> paper symbol):
+    T            tokens in the local batch (b * l, flattened)
+    E            n_experts;  k = top_k
+    logits       router scores x W (+ b)                                (T, E)
+    expert_idx   the k experts chosen per token; -1 marks a dropped slot  (T, k)
+    gates        the weight each chosen expert's output is multiplied by  (T, k)
+    w1, w2       stacked expert weights, nn.Linear layout:
+                 w1 (E, 2*f, d) gate rows then up rows (SwiGLU / GeGLU), or (E, f, d) (ReLU); w2 (E, d, f)
+
+Routers:
+- ``route_sinkhorn`` (BlackMamba, SPEC §2): gate = sigmoid(logit) of the chosen expert; in training
+  the expert is the argmax of the Sinkhorn-balanced matrix over the local batch (no gradient
+  through the choice, only through the sigmoid); at inference the argmax of the sigmoid. No
+  capacity limit, nothing dropped, no auxiliary loss.
+- ``route_switch`` (MoE-Mamba, Switch Transformer, SPEC §3): softmax over experts, top-k, the
+  chosen probability is the gate; in training at most ``int(cf * T * k / E)`` token-slots per
+  expert, in token order (all first choices before second choices), the rest dropped (they
+  produce zero and ride the residual); auxiliary loss ``alpha * E * sum_e mean_t(p[t, e]) * f_e``
+  with f_e the fraction of token-slots routed to e. At inference there is no capacity limit, so a
+  token's output does not depend on which other tokens share its batch (and step == forward).
+
+Where the official code does the same: Zyphra/BlackMamba ``moe.py`` (router + sinkhorn),
+Megatron-LM ``megatron/core/transformer/moe/router.py``; Switch: ``mesh_tensorflow`` /
+``fairseq`` ``top1gating``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from minimamba_moe.reference import expert_mlp
+
+from .config import ModelConfig
+from .ops import get_ops
+
+
+@dataclass
+class RouterStats:
+    """What one MoE layer's routing did in a forward pass (device tensors: no host sync)."""
+
+    tokens_per_expert: torch.Tensor  # (E,) int64: token-slots each expert processed
+    dropped: torch.Tensor  # () int64: token-slots dropped by the capacity limit
+    aux_loss: torch.Tensor  # () fp32: this layer's load-balancing loss (already times its coefficient)
+    sinkhorn_iters: torch.Tensor  # () int64: Sinkhorn passes (0 when Sinkhorn did not run)
+
+
+def route_sinkhorn(logits: torch.Tensor, config: ModelConfig, training: bool):
+    """logits (T, E) fp32 -> expert_idx (T, k), gates (T, k), sinkhorn_iters ()."""
+    k = config.top_k
+    iters = torch.zeros((), dtype=torch.int64, device=logits.device)
+    if training:
+        with torch.no_grad():
+            P, iters = get_ops(config.backend).sinkhorn(
+                logits.detach(), init=config.sinkhorn_init, stopping=config.sinkhorn_stopping,
+                tol=config.sinkhorn_tol, max_iters=config.sinkhorn_max_iters,
+                logit_scale=config.sinkhorn_logit_scale,
+            )
+            expert_idx = P.topk(k, dim=-1).indices
+    else:
+        expert_idx = logits.topk(k, dim=-1).indices  # sigmoid is monotone: same as argmax of sigmoid
+    gates = torch.sigmoid(logits).gather(1, expert_idx)
+    return expert_idx, gates, iters
+
+
+def route_switch(logits: torch.Tensor, config: ModelConfig, training: bool):
+    """logits (T, E) fp32 -> expert_idx (T, k) with -1 for dropped slots, gates (T, k), aux_loss ()."""
+    T, E = logits.shape
+    k = config.top_k
+    probs = torch.softmax(logits, dim=-1)  # (T, E)
+    gates, expert_idx = probs.topk(k, dim=-1)  # (T, k)
+    if config.normalize_top_k:
+        gates = gates / gates.sum(-1, keepdim=True)
+    onehot = F.one_hot(expert_idx.t().reshape(-1), E)  # (k*T, E), slot-major: first choices first
+    frac = onehot.float().mean(0)  # f_e, fraction of token-slots sent to each expert
+    aux = config.aux_loss_coef * E * (probs.mean(0) * frac).sum()
+    if training and config.capacity_factor is not None:
+        capacity = int(config.capacity_factor * T * k / E)
+        position = (onehot.cumsum(0) * onehot).sum(-1) - 1  # (k*T,) arrival order within its expert
+        keep = (position < capacity).view(k, T).t()  # (T, k)
+        expert_idx = torch.where(keep, expert_idx, torch.full_like(expert_idx, -1))
+        gates = gates * keep
+    return expert_idx, gates, aux
+
+
+class MoE(nn.Module):
+    """x (b, l, d) -> (b, l, d): every token through its top-k experts, weighted by its gates."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        E, d, f = config.n_experts, config.d_model, config.d_expert
+        f1 = f if config.mlp_activation == "relu" else 2 * f
+        self.router = nn.Linear(d, E, bias=config.router == "sinkhorn")
+        self.w1 = nn.Parameter(torch.empty(E, f1, d))
+        self.w2 = nn.Parameter(torch.empty(E, d, f))
+        self.w2._is_output_projection = True  # Model scales these by 1/sqrt(n_layer) at init
+        with torch.no_grad():
+            self.w1.normal_(0.0, config.init_std)
+            self.w2.normal_(0.0, config.init_std)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, RouterStats]:
+        c = self.config
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])  # (T, d)
+        logits = self.router(x).float()  # (T, E), routing decisions in fp32
+        zero = torch.zeros((), dtype=torch.int64, device=x.device)
+        if c.router == "sinkhorn":
+            expert_idx, gates, iters = route_sinkhorn(logits, c, self.training)
+            aux = torch.zeros((), device=x.device)
+        else:
+            expert_idx, gates, aux = route_switch(logits, c, self.training)
+            iters = zero
+        out = get_ops(c.backend).moe_experts(x, expert_idx, gates.to(x.dtype), self.w1, self.w2, c.mlp_activation)
+        # count slots per expert without a host sync: bucket 0 collects the dropped (-1) slots
+        counts = torch.zeros(c.n_experts + 1, dtype=torch.int64, device=x.device)
+        counts.scatter_add_(0, expert_idx.reshape(-1) + 1, torch.ones_like(expert_idx.reshape(-1)))
+        stats = RouterStats(
+            tokens_per_expert=counts[1:],
+            dropped=counts[0],
+            aux_loss=aux,
+            sinkhorn_iters=iters,
+        )
+        return out.view(shape), stats
+
+
+class MLP(nn.Module):
+    """The dense MLP of the Transformer baseline: one expert, always on."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.activation = config.mlp_activation
+        f = config.d_ff
+        self.fc1 = nn.Linear(config.d_model, f if self.activation == "relu" else 2 * f, bias=False)
+        self.fc2 = nn.Linear(f, config.d_model, bias=False)
+        self.fc2.weight._is_output_projection = True
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        return expert_mlp(x.reshape(-1, shape[-1]), self.fc1.weight, self.fc2.weight, self.activation).view(shape)
