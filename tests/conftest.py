@@ -9,8 +9,14 @@ Hypothesis profiles, picked with the environment variable ``HYPOTHESIS_PROFILE``
 
 import os
 
+# Without a GPU, Triton kernels can only run in its interpreter, which must be chosen before
+# triton is first imported. (fast/aot.py compiles the same kernels for real GPUs in a subprocess.)
 import torch
-from hypothesis import HealthCheck, settings
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from hypothesis import HealthCheck, settings  # noqa: E402
 
 settings.register_profile(
     "ci",

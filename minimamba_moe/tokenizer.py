@@ -1,0 +1,108 @@
+"""Tokenizers, named by one string that checkpoints store in config.json ("tokenizer": spec).
+
+    "bytes"                      UTF-8 bytes, vocab 256 (the tiny preset; no files, no network)
+    "gpt2"                       tiktoken's GPT-2 BPE (vocab 50257; downloaded once by tiktoken)
+    path/to/file.tiktoken        GPT-2's split pattern with the BPE ranks in that file (offline)
+    path/to/tokenizer.json       a Hugging Face tokenizer, e.g. GPT-NeoX's for BlackMamba
+                                 (needs the optional `tokenizers` package)
+"""
+
+from __future__ import annotations
+
+import os
+
+
+class TokenizerError(ValueError):
+    """A tokenizer cannot be loaded; the message says what to do instead."""
+
+
+class ByteTokenizer:
+    name = "bytes"
+    vocab_size = 256
+    eot_token = None
+
+    def encode(self, text: str) -> list[int]:
+        return list(text.encode("utf-8"))
+
+    def decode(self, ids: list[int]) -> str:
+        return bytes(ids).decode("utf-8", errors="replace")
+
+    def decode_bytes(self, ids: list[int]) -> bytes:
+        return bytes(ids)
+
+
+# GPT-2's pre-tokenisation pattern, as in tiktoken's own gpt2 definition.
+GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+
+
+class TiktokenTokenizer:
+    def __init__(self, spec: str):
+        import tiktoken
+
+        self.name = spec
+        if spec == "gpt2":
+            try:
+                self.enc = tiktoken.get_encoding("gpt2")
+            except Exception as e:  # tiktoken downloads its files on first use
+                raise TokenizerError(
+                    f"tiktoken could not load the GPT-2 encoding ({type(e).__name__}): this machine seems to be "
+                    "offline. Pass --tokenizer=path/to/gpt2.tiktoken (the BPE ranks file), or use --tokenizer=bytes."
+                ) from None
+        else:
+            from tiktoken.load import load_tiktoken_bpe
+
+            ranks = load_tiktoken_bpe(spec)
+            self.enc = tiktoken.Encoding(
+                name=os.path.basename(spec), pat_str=GPT2_PATTERN, mergeable_ranks=ranks,
+                special_tokens={"<|endoftext|>": len(ranks)},
+            )
+        self.vocab_size = self.enc.n_vocab
+        self.eot_token = self.enc.eot_token
+
+    def encode(self, text: str) -> list[int]:
+        return self.enc.encode_ordinary(text)
+
+    def decode(self, ids: list[int]) -> str:
+        return self.enc.decode(ids)
+
+    def decode_bytes(self, ids: list[int]) -> bytes:
+        return self.enc.decode_bytes(ids)
+
+
+class HFTokenizer:
+    def __init__(self, path: str):
+        try:
+            from tokenizers import Tokenizer
+        except ImportError:
+            raise TokenizerError(
+                f"{path} is a Hugging Face tokenizer file; install the optional extra to read it: "
+                "pip install 'minimamba-moe[hf]' (the `tokenizers` package)."
+            ) from None
+        self.name = path
+        self.tok = Tokenizer.from_file(path)
+        self.vocab_size = self.tok.get_vocab_size()
+        self.eot_token = self.tok.token_to_id("<|endoftext|>")
+
+    def encode(self, text: str) -> list[int]:
+        return self.tok.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tok.decode(ids)
+
+    def decode_bytes(self, ids: list[int]) -> bytes:
+        return self.decode(ids).encode("utf-8")
+
+
+def load_tokenizer(spec: str):
+    """The tokenizer a spec string names (see the module docstring)."""
+    if spec == "bytes":
+        return ByteTokenizer()
+    if spec == "gpt2":
+        return TiktokenTokenizer(spec)
+    if not os.path.isfile(spec):
+        raise TokenizerError(
+            f"Unknown tokenizer {spec!r}: use 'bytes', 'gpt2', or the path of a .tiktoken or tokenizer.json file."
+        )
+    if spec.endswith(".json"):
+        return HFTokenizer(spec)
+    return TiktokenTokenizer(spec)
