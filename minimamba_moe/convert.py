@@ -1,0 +1,264 @@
+"""Load Zyphra's released BlackMamba weights (pytorch_model.bin) into our Model.
+
+The file is ``{"model": state_dict}`` in bf16 with these keys (SPEC §2), i = layer, e = expert:
+
+    embedding.word_embeddings.weight                        (V, d)   also the output head (tied)
+    decoder.layers.{i}.norm.weight                          (d,)     RMSNorm before every mixer
+    decoder.layers.{i}.mixer.in_proj.weight                 (2*di, d)        even i: Mamba
+                            .conv1d.weight / .conv1d.bias   (di, 1, 4) / (di,)
+                            .x_proj.weight                  (dt_rank + 2*n, di)
+                            .dt_proj.weight / .dt_proj.bias (di, dt_rank) / (di,)
+                            .A_log / .D                     (di, n) / (di,)
+                            .out_proj.weight                (d, di)
+    decoder.layers.{i}.mixer.router.weight / .router.bias   (E, d) / (E,)    odd i: MoE
+                            .local_experts.{e}.linear_fc1.weight   (2*ffn, d)  rows: gate, then up
+                            .local_experts.{e}.linear_fc2.weight   (d, ffn)
+    decoder.final_layernorm.weight / .bias                  (d,)
+
+Mapping onto minimamba_moe (same names as Zyphra's inside the Mamba mixer):
+
+    embedding.word_embeddings.weight      -> embedding.weight (lm_head.weight is the same tensor)
+    decoder.layers.{i}.norm.weight        -> layers.{i}.norm.weight
+    decoder.layers.{i}.mixer.<mamba>      -> layers.{i}.mixer.<mamba>
+    decoder.layers.{i}.mixer.router.*     -> layers.{i}.mixer.router.*
+    local_experts.{e}.linear_fc1.weight   -> layers.{i}.mixer.w1[e]  (gate rows then up rows, as ours)
+    local_experts.{e}.linear_fc2.weight   -> layers.{i}.mixer.w2[e]
+    decoder.final_layernorm.*             -> final_norm.*
+
+Every size is read off the tensors; the result reports the preset it matches (blackmamba-1.5b,
+blackmamba-2.8b) or "custom". Weights stay in bf16 as stored (or ``dtype``), except A_log and D,
+which are upcast to fp32 (SPEC §1). Routing at inference is the argmax of the router's sigmoid.
+
+**GeGLU by default.** The paper says the experts are SwiGLU; the released inference code applies
+GELU to the gate half (GeGLU), and that is what the released weights were run with. So
+``activation="geglu"`` is the default here; pass ``"swiglu"`` to run what the paper describes.
+
+The file is read with ``torch.load(weights_only=True)``: nothing but tensors and plain containers
+is unpickled. A file whose keys or shapes do not fit is refused with the differences listed.
+
+    python -m minimamba_moe.convert pytorch_model.bin --tokenizer tokenizer.json --out out-blackmamba
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import os
+import re
+import sys
+
+import torch
+
+from .checkpoint import CheckpointError, save_model
+from .config import ModelConfig
+from .model import Model
+
+ACTIVATIONS = ("geglu", "swiglu")
+DEFAULT_ACTIVATION = "geglu"  # what the released inference code runs (the paper says SwiGLU)
+MATCHED_PRESETS = ("blackmamba-1.5b", "blackmamba-2.8b")
+# the fields that decide the shapes of every tensor: equal on all of these = the same architecture
+SIZE_FIELDS = ("padded_vocab_size", "d_model", "n_layer", "d_inner", "dt_rank", "d_state", "d_conv",
+               "n_experts", "d_expert")
+
+MAMBA_KEYS = ("in_proj.weight", "conv1d.weight", "conv1d.bias", "x_proj.weight", "dt_proj.weight",
+              "dt_proj.bias", "A_log", "D", "out_proj.weight")
+
+
+class ConversionError(CheckpointError):
+    """A Zyphra checkpoint cannot be read, or does not have the released layout."""
+
+
+def load_zyphra_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Read pytorch_model.bin: ``{"model": state_dict}`` (a bare state dict is accepted too)."""
+    if not os.path.isfile(path):
+        raise ConversionError(f"No Zyphra checkpoint at {path} (expected the release's pytorch_model.bin).")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:
+        try:  # mmap needs the zip format of torch >= 1.6; try once more without it
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ConversionError(
+                f"{path} could not be read as a PyTorch checkpoint of tensors (truncated, damaged, or holding "
+                f"objects that weights_only=True refuses to unpickle): {first}"
+            ) from None
+    sd = obj.get("model", obj) if isinstance(obj, dict) else None
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise ConversionError(f"{path} does not hold a state dict of tensors (expected {{'model': state_dict}}).")
+    return sd
+
+
+def _fail(problems: list[str], what: str) -> None:
+    shown = "; ".join(problems[:8]) + (f"; and {len(problems) - 8} more" if len(problems) > 8 else "")
+    raise ConversionError(f"{what}: {shown}.")
+
+
+def _shape(sd: dict, key: str) -> tuple[int, ...]:
+    if key not in sd:
+        close = difflib.get_close_matches(key, list(sd), n=1, cutoff=0.8)
+        hint = f" (the file has {close[0]})" if close else ""
+        _fail([f"missing {key}{hint}"], "Not the released BlackMamba layout")
+    return tuple(sd[key].shape)
+
+
+def infer_config(sd: dict, activation: str = DEFAULT_ACTIVATION, vocab_size: int | None = None) -> ModelConfig:
+    """The ModelConfig whose tensors have the shapes in ``sd`` (read off layers 0 and 1).
+
+    vocab_size: the tokenizer's vocabulary (50277 for GPT-NeoX); default: every embedding row.
+    The result's ``name`` is the matching preset or "custom". Only the sizes are read here;
+    ``check_layout`` then holds every tensor against them.
+    """
+    if activation not in ACTIVATIONS:
+        raise ConversionError(f"activation must be one of {', '.join(ACTIVATIONS)}, got {activation!r}.")
+    rows, d = _shape(sd, "embedding.word_embeddings.weight")
+    layer_ids = {int(m.group(1)) for k in sd if (m := re.match(r"decoder\.layers\.(\d+)\.", k))}
+    n_layer = max(layer_ids) + 1 if layer_ids else 0
+    if n_layer < 2 or n_layer % 2:
+        raise ConversionError(f"Not the released BlackMamba layout: found {n_layer} decoder layers; "
+                              "expected an even number, alternating Mamba (even) and MoE (odd).")
+    m, e = "decoder.layers.0.mixer.", "decoder.layers.1.mixer."
+    di2, _ = _shape(sd, m + "in_proj.weight")
+    di, n = _shape(sd, m + "A_log")
+    _, _, d_conv = _shape(sd, m + "conv1d.weight")
+    _, dt_rank = _shape(sd, m + "dt_proj.weight")
+    n_experts, _ = _shape(sd, e + "router.weight")
+    _, d_expert = _shape(sd, e + "local_experts.0.linear_fc2.weight")
+    if di2 != 2 * di or di % d:
+        raise ConversionError(f"Not the released BlackMamba layout: {m}in_proj.weight has {di2} rows and A_log "
+                              f"{di}; expected 2 * d_inner rows with d_inner a multiple of d_model = {d}.")
+    vocab_size = rows if vocab_size is None else vocab_size
+    if not 0 < vocab_size <= rows:
+        raise ConversionError(f"The tokenizer has {vocab_size} tokens but the embedding only {rows} rows.")
+    pad = next(p for p in (128, 64, 32, 16, 8, 4, 2, 1, rows) if -(-vocab_size // p) * p == rows)
+    config = ModelConfig(
+        vocab_size=vocab_size, pad_vocab_size_multiple=pad, d_model=d, n_layer=n_layer,
+        layer_pattern=("mamba", "moe"), max_seq_len=2048, d_state=n, d_conv=d_conv, expand=di // d,
+        dt_rank=dt_rank, n_experts=n_experts, top_k=1, d_expert=d_expert, router="sinkhorn",
+        mlp_activation=activation, norm="rmsnorm", final_norm="layernorm", norm_eps=1e-5,
+        tie_embeddings=True, residual_in_fp32=True,
+    )
+    config.name = matching_preset(config)
+    return config
+
+
+def matching_preset(config: ModelConfig) -> str:
+    """The BlackMamba preset with the same sizes as ``config``, or "custom"."""
+    for name in MATCHED_PRESETS:
+        preset = ModelConfig.from_preset(name)
+        if all(getattr(preset, f) == getattr(config, f) for f in SIZE_FIELDS):
+            return name
+    return "custom"
+
+
+def zyphra_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Every key of the released layout for this config, with its shape."""
+    c = config
+    d, di, n, r, E, f = c.d_model, c.d_inner, c.d_state, c.dt_rank, c.n_experts, c.d_expert
+    shapes = {"embedding.word_embeddings.weight": (c.padded_vocab_size, d)}
+    for i, kind in enumerate(c.layer_kinds):
+        p = f"decoder.layers.{i}."
+        shapes[p + "norm.weight"] = (d,)
+        if kind == "mamba":
+            mamba = [(2 * di, d), (di, 1, c.d_conv), (di,), (r + 2 * n, di), (di, r), (di,), (di, n), (di,), (d, di)]
+            shapes.update({p + "mixer." + k: s for k, s in zip(MAMBA_KEYS, mamba)})
+        else:
+            shapes[p + "mixer.router.weight"] = (E, d)
+            shapes[p + "mixer.router.bias"] = (E,)
+            for e in range(E):
+                shapes[p + f"mixer.local_experts.{e}.linear_fc1.weight"] = (2 * f, d)
+                shapes[p + f"mixer.local_experts.{e}.linear_fc2.weight"] = (d, f)
+    shapes["decoder.final_layernorm.weight"] = (d,)
+    shapes["decoder.final_layernorm.bias"] = (d,)
+    return shapes
+
+
+def check_layout(sd: dict, config: ModelConfig) -> None:
+    """Refuse, listing every difference, unless ``sd`` has exactly the keys and shapes of ``config``."""
+    expected = zyphra_shapes(config)
+    missing = [k for k in expected if k not in sd]
+    unexpected = [k for k in sd if k not in expected]
+    problems = []
+    for k in missing:
+        close = difflib.get_close_matches(k, unexpected, n=1, cutoff=0.8)
+        problems.append(f"missing {k}" + (f" (the file has {close[0]})" if close else ""))
+    problems += [f"unexpected {k}" for k in unexpected]
+    problems += [
+        f"{k}: shape {tuple(sd[k].shape)} in the file, expected {s}"
+        for k, s in expected.items() if k in sd and tuple(sd[k].shape) != s
+    ]
+    if problems:
+        sizes = ", ".join(f"{f}={getattr(config, f)}" for f in SIZE_FIELDS)
+        _fail(problems, f"Not the released BlackMamba layout (sizes read from layers 0 and 1: {sizes})")
+
+
+def convert_state_dict(sd: dict, config: ModelConfig, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """Zyphra keys -> our keys (see the module docstring). A_log and D always come out fp32."""
+    out = {"embedding.weight": sd["embedding.word_embeddings.weight"]}
+    for i, kind in enumerate(config.layer_kinds):
+        src, dst = f"decoder.layers.{i}.", f"layers.{i}."
+        out[dst + "norm.weight"] = sd[src + "norm.weight"]
+        if kind == "mamba":
+            for k in MAMBA_KEYS:
+                out[dst + "mixer." + k] = sd[src + "mixer." + k]
+        else:
+            out[dst + "mixer.router.weight"] = sd[src + "mixer.router.weight"]
+            out[dst + "mixer.router.bias"] = sd[src + "mixer.router.bias"]
+            experts = range(config.n_experts)
+            out[dst + "mixer.w1"] = torch.stack([sd[src + f"mixer.local_experts.{e}.linear_fc1.weight"] for e in experts])
+            out[dst + "mixer.w2"] = torch.stack([sd[src + f"mixer.local_experts.{e}.linear_fc2.weight"] for e in experts])
+    out["final_norm.weight"] = sd["decoder.final_layernorm.weight"]
+    out["final_norm.bias"] = sd["decoder.final_layernorm.bias"]
+    for k, v in out.items():
+        keep_fp32 = k.endswith((".A_log", ".D"))
+        out[k] = v.float() if keep_fp32 else (v if dtype is None else v.to(dtype))
+    return out
+
+
+def convert_zyphra(
+    sd: dict, activation: str = DEFAULT_ACTIVATION, vocab_size: int | None = None, dtype: torch.dtype | None = None
+) -> Model:
+    """A released BlackMamba state dict -> our Model in eval mode (weights in ``dtype``, default as stored)."""
+    config = infer_config(sd, activation, vocab_size)
+    check_layout(sd, config)
+    with torch.device("meta"):  # no time spent initialising weights that are replaced right away
+        model = Model(config)
+    model.load_state_dict(convert_state_dict(sd, config, dtype), strict=False, assign=True)
+    model.lm_head.weight = model.embedding.weight  # assign=True replaced the tied Parameter: tie again
+    left = [n for n, p in model.named_parameters() if p.is_meta]
+    if left:  # cannot happen when check_layout passed; guards the mapping itself
+        raise ConversionError(f"Conversion left parameters unset: {', '.join(left)}.")
+    return model.eval()
+
+
+def load_zyphra(
+    path: str | os.PathLike, activation: str = DEFAULT_ACTIVATION, tokenizer=None, dtype: torch.dtype | None = None
+) -> Model:
+    """Read and convert pytorch_model.bin; ``tokenizer`` (optional) sets the vocabulary size."""
+    vocab_size = None if tokenizer is None else tokenizer.vocab_size
+    return convert_zyphra(load_zyphra_state_dict(path), activation, vocab_size, dtype)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description="Convert Zyphra's BlackMamba pytorch_model.bin to a minimamba-moe checkpoint.")
+    ap.add_argument("path", help="pytorch_model.bin from Zyphra/BlackMamba-1.5B or -2.8B")
+    ap.add_argument("--tokenizer", required=True, help="GPT-NeoX tokenizer.json (needs the `tokenizers` package)")
+    ap.add_argument("--out", required=True, help="folder for the converted checkpoint")
+    ap.add_argument("--activation", choices=ACTIVATIONS, default=DEFAULT_ACTIVATION,
+                    help="expert gate: geglu (default, what the released code runs) or swiglu (what the paper says)")
+    args = ap.parse_args(argv)
+    from .tokenizer import TokenizerError, load_tokenizer
+
+    try:
+        tok = load_tokenizer(args.tokenizer)
+        model = load_zyphra(args.path, args.activation, tok)
+        save_model(model, args.out, tokenizer=os.path.abspath(args.tokenizer), converted_from=os.path.abspath(args.path))
+    except (CheckpointError, TokenizerError) as e:
+        sys.exit(f"error: {e}")
+    total = model.count_params()
+    print(f"{args.path}: preset {model.config.name}, {model.config.mlp_activation}, "
+          f"{total.total / 1e6:.1f}M params ({total.active / 1e6:.1f}M active) -> {args.out}")
+
+
+if __name__ == "__main__":
+    main()
