@@ -1,0 +1,85 @@
+"""Reference vs fast moe_experts on this machine's device (the CPU path without a GPU).
+
+    python benchmarks/bench_moe.py [--repeats 5] [--threads 2] [--dtype float32]
+
+Times forward, and forward + backward (gradients of x, gates, w1, w2), at the shapes of issue 4,
+and prints medians and the reference / fast ratio. Random top-k routing (distinct experts per
+token), SwiGLU experts. Both ops get identical inputs; one warm-up call each is not timed.
+"""
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
+
+from minimamba_moe import fast, reference  # noqa: E402
+
+SHAPES = [  # (T, d, ffn, E, k)
+    (4096, 512, 1024, 8, 1),
+    (4096, 512, 1024, 8, 2),
+    (1024, 256, 256, 64, 8),
+]
+
+
+def make_inputs(T, d, f, E, k, dtype, device, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(T, d, generator=g).to(device, dtype)
+    w1 = (torch.randn(E, 2 * f, d, generator=g) / d**0.5).to(device, dtype)
+    w2 = (torch.randn(E, d, f, generator=g) / f**0.5).to(device, dtype)
+    expert_idx = torch.rand(T, E, generator=g).topk(k, dim=1).indices.to(device)  # k distinct experts
+    gates = torch.rand(T, k, generator=g).to(device, dtype)
+    return x, expert_idx, gates, w1, w2
+
+
+def sync(device):
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def time_op(op, inputs, backward, repeats, device):
+    x, expert_idx, gates, w1, w2 = [t.clone() for t in inputs]
+    leaves = [x, gates, w1, w2]
+    for t in leaves:
+        t.requires_grad_(backward)
+    times = []
+    for i in range(repeats + 1):
+        sync(device)
+        start = time.perf_counter()
+        out = op(x, expert_idx, gates, w1, w2, "swiglu")
+        if backward:
+            torch.autograd.grad(out, leaves, torch.ones_like(out))
+        sync(device)
+        if i:  # the first call warms up
+            times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    dtype = getattr(torch, args.dtype)
+    print(f"device {args.device}, {args.dtype}, {torch.get_num_threads()} threads, median of {args.repeats}")
+    print(f"| T | d | ffn | E | k | pass | reference ms | fast ms | ratio |")
+    print(f"|---|---|---|---|---|---|---|---|---|")
+    for T, d, f, E, k in SHAPES:
+        inputs = make_inputs(T, d, f, E, k, dtype, args.device)
+        for backward in (False, True):
+            t_ref = time_op(reference.moe_experts, inputs, backward, args.repeats, args.device)
+            t_fast = time_op(fast.moe_experts, inputs, backward, args.repeats, args.device)
+            name = "fwd+bwd" if backward else "fwd"
+            print(f"| {T} | {d} | {f} | {E} | {k} | {name} | {1e3 * t_ref:.1f} | {1e3 * t_fast:.1f} "
+                  f"| {t_ref / t_fast:.2f}x |", flush=True)
+
+
+if __name__ == "__main__":
+    main()

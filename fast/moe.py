@@ -1,0 +1,71 @@
+"""Mixture-of-Experts feed-forward, fast: grouped matmuls over expert-sorted token-slots.
+
+Same signature and docstring as ``reference.moe.moe_experts`` (diff them). Where the work happens:
+
+    CUDA tensors -> moe_triton.py   Triton grouped GEMMs, ScatterMoE-style: gather rows inside the
+                                    first GEMM, fused gated activation, gate * scatter-add in the
+                                    second; hand-written backward kernels
+    CPU tensors  -> moe_cpu.py      sort + torch grouped_mm (per-expert matmuls as fallback),
+                                    hand-written backward
+    both         -> routing.py      expert histogram, offsets and permutation, on the device
+
+Glossary (code name = meaning, shape): as in reference/moe.py —
+
+    x           token activations                              (T, d)
+    expert_idx  the expert of each (token, slot); -1 = dropped  (T, k)   int64
+    gates       weight of each (token, slot)'s expert output    (T, k)
+    w1          first layer of every expert, nn.Linear layout   (E, 2f, d) gated / (E, f, d) relu
+    w2          second layer of every expert                    (E, d, f)
+"""
+
+import torch
+
+from minimamba_moe.reference._checks import check_ndim, check_shape
+from minimamba_moe.reference.moe import ACTIVATIONS
+
+from .moe_cpu import MoEExpertsCPU
+
+
+def moe_experts(x, expert_idx, gates, w1, w2, activation="swiglu"):
+    """Send every (token, slot) to its expert and sum the gated outputs per token.
+
+    Args:
+        x: (T, d) tokens.
+        expert_idx: (T, k) int64 expert of each slot, in [0, E), or -1 for a dropped slot
+            (contributes exactly zero, whatever its gate).
+        gates: (T, k) weight multiplying each slot's expert output.
+        w1: (E, 2f, d) for "swiglu"/"geglu", (E, f, d) for "relu"; nn.Linear layout.
+        w2: (E, d, f).
+        activation: "swiglu", "geglu" or "relu".
+
+    Returns:
+        out: (T, d) in x.dtype; out[t] = Σ_j gates[t, j] * expert_{expert_idx[t, j]}(x[t]).
+
+    Raises:
+        ValueError: on an unknown activation, a shape mismatch, a non-integer expert_idx or an
+            index outside [-1, E).
+    """
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+    check_ndim("x", x, 2, "(T, d)")
+    T, d = x.shape
+    check_ndim("expert_idx", expert_idx, 2, "(T, k)")
+    k = expert_idx.shape[1]
+    check_shape("expert_idx", expert_idx, (T, k))
+    check_shape("gates", gates, (T, k))
+    check_ndim("w2", w2, 3, "(E, d, f)")
+    E, _, f = w2.shape
+    check_shape("w2", w2, (E, d, f))
+    check_shape("w1", w1, (E, f if activation == "relu" else 2 * f, d))
+    if expert_idx.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"expert_idx must be an integer tensor (int64), got {expert_idx.dtype}")
+    if x.is_cuda:
+        # The range check would read the indices back to the host (a sync per layer): on the GPU it
+        # is skipped, and an index outside [0, E) is treated like -1 (dropped) by the kernels.
+        from .moe_triton import moe_experts_triton
+
+        return moe_experts_triton(x, expert_idx, gates, w1, w2, activation)
+    if expert_idx.numel() and (expert_idx.min() < -1 or expert_idx.max() >= E):
+        raise ValueError(f"expert_idx values must be in [0, {E}) or -1 (dropped), got range "
+                         f"[{expert_idx.min().item()}, {expert_idx.max().item()}]")
+    return MoEExpertsCPU.apply(x, expert_idx, gates, w1, w2, activation)

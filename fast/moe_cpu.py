@@ -1,0 +1,153 @@
+"""The MoE experts on CPU tensors: sort the token-slots by expert, one grouped matmul per layer.
+
+Glossary (code name = meaning, shape; see routing.py for order / token / offsets):
+
+    n        kept token-slots (offsets[E]); sorted rows 0 : n, expert e owns offsets[e] : offsets[e+1]
+    xs       x[token], the input rows in sorted order                       (n, d)
+    h        xs @ w1[e].T, pre-activation (gate half then up half)          (n, F1)  F1 = 2f or f
+    a        act(h)                                                          (n, f)
+    y        a @ w2[e].T, the expert outputs                                 (n, d)
+    g        gate of each sorted row                                         (n,)
+    out      Σ over a token's rows of g * y, summed in fp32 (index_add)     (T, d)
+
+Data flow, forward:  gather xs -> grouped matmul (w1) -> act -> grouped matmul (w2) -> * g -> index_add.
+Backward, the same steps reversed (dout = gradient of out, (T, d)):
+    dy   = dout[token]                         (n, d)
+    da_r = dy @ w2[e]     (grouped)            (n, f)    "raw": before the gate
+    dg   = Σ_j da_r * a                        (n,)      = <dy, y>, since y = a @ w2[e].T
+    da   = g * da_r;  dh = act'(h) · da        (n, F1)
+    dw2[e] = (g * dy)_eᵀ @ a_e                 (E, d, f)  grouped "transposed" matmul
+    dw1[e] = dh_eᵀ @ xs_e                      (E, F1, d)
+    dx   = index_add over token of dh @ w1[e]  (T, d)
+dg from da_r avoids keeping y for the backward. Nothing loops over tokens; the only Python loop is
+over experts, in the fallback when ``torch.nn.functional.grouped_mm`` cannot take the tensors
+(float64, or rows not 16-byte aligned) — on CPU tensors reading offsets to the host costs nothing.
+"""
+
+import torch
+import torch.nn.functional as F
+
+from minimamba_moe.reference._checks import compute_dtype
+
+from .routing import Routing, group_by_expert
+
+_GROUPED_MM = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
+
+
+def _aligned(*tensors) -> bool:
+    """grouped_mm's own rule: fp32/bf16/fp16, 16-byte aligned base and non-unit strides."""
+    for t in tensors:
+        if t.dtype not in (torch.float32, torch.bfloat16, torch.float16) or t.data_ptr() % 16:
+            return False
+        if any(s != 1 and (s * t.element_size()) % 16 for s in t.stride()):
+            return False
+    return True
+
+
+def grouped_mm(a, b, offsets):
+    """Row group e of a (rows offsets[e] : offsets[e+1]) times b[e]: (n, K) x (E, K, M) -> (n, M)."""
+    if _GROUPED_MM is not None and a.shape[0] > 0 and _aligned(a, b):
+        return _GROUPED_MM(a, b, offs=offsets[1:].to(torch.int32))
+    out = a.new_empty(a.shape[0], b.shape[2])
+    bounds = offsets.tolist()
+    for e in range(b.shape[0]):
+        lo, hi = bounds[e], bounds[e + 1]
+        if hi > lo:
+            torch.mm(a[lo:hi], b[e], out=out[lo:hi])
+    return out
+
+
+def grouped_mm_t(a, b, offsets):
+    """Per group e: a_eᵀ @ b_e with a (n, K), b (n, M) -> (E, K, M); an expert with no rows gives 0."""
+    E = offsets.shape[0] - 1
+    if _GROUPED_MM is not None and a.shape[0] > 0 and _aligned(a.t(), b):
+        out = _GROUPED_MM(a.t(), b, offs=offsets[1:].to(torch.int32))  # (E, K, M)
+        empty = (offsets[1:] == offsets[:-1]).nonzero().view(-1)  # CPU: no device to wait for
+        if empty.numel():
+            out[empty] = 0  # grouped_mm leaves the blocks of experts with no rows unwritten
+        return out
+    out = a.new_zeros(E, a.shape[1], b.shape[1])
+    bounds = offsets.tolist()
+    for e in range(E):
+        lo, hi = bounds[e], bounds[e + 1]
+        if hi > lo:
+            torch.mm(a[lo:hi].t(), b[lo:hi], out=out[e])
+    return out
+
+
+def act_forward(h, activation):
+    """h (n, F1) -> a (n, f)."""
+    if activation == "relu":
+        return F.relu(h)
+    f = h.shape[1] // 2
+    gate, up = h[:, :f], h[:, f:]
+    return (F.silu(gate) if activation == "swiglu" else F.gelu(gate)) * up
+
+
+def act_backward(h, da, activation):
+    """h (n, F1), da = dL/da (n, f) -> dh (n, F1), the derivative of act_forward by hand."""
+    if activation == "relu":
+        return da * (h > 0)
+    f = h.shape[1] // 2
+    acc = compute_dtype(h)
+    gate, up = h[:, :f].to(acc), h[:, f:].to(acc)
+    if activation == "swiglu":
+        s = torch.sigmoid(gate)
+        act, dact = gate * s, s * (1 + gate * (1 - s))  # silu and silu'
+    else:
+        cdf = 0.5 * (1 + torch.erf(gate * 0.7071067811865476))  # Φ
+        pdf = torch.exp(-0.5 * gate * gate) * 0.3989422804014327  # φ
+        act, dact = gate * cdf, cdf + gate * pdf  # exact gelu and gelu'
+    daf = da.to(acc)
+    dh = torch.empty(h.shape, dtype=acc)
+    torch.mul(daf * up, dact, out=dh[:, :f])
+    torch.mul(daf, act, out=dh[:, f:])
+    return dh.to(h.dtype)
+
+
+class MoEExpertsCPU(torch.autograd.Function):
+    """moe_experts by sort + grouped matmuls, with the backward written out (see the module doc)."""
+
+    @staticmethod
+    def forward(ctx, x, expert_idx, gates, w1, w2, activation):
+        T, d = x.shape
+        k = expert_idx.shape[1]
+        acc = compute_dtype(x)
+        r: Routing = group_by_expert(expert_idx, w1.shape[0])
+        n = int(r.offsets[-1])  # CPU tensor: no device to wait for
+        rows, token = r.order[:n], r.token[:n]  # (n,), (n,)
+        g = gates.reshape(T * k)[rows]  # (n,)
+        xs = x[token]  # (n, d)
+        h = grouped_mm(xs, w1.transpose(1, 2), r.offsets)  # (n, F1)
+        a = act_forward(h, activation)  # (n, f)
+        y = grouped_mm(a, w2.transpose(1, 2), r.offsets)  # (n, d)
+        out = torch.zeros(T, d, dtype=acc)
+        out.index_add_(0, token, y.to(acc) * g.to(acc)[:, None])
+        ctx.save_for_backward(x, w1, w2, rows, token, g, h, a, r.offsets)
+        ctx.activation, ctx.k, ctx.gates_dtype = activation, k, gates.dtype
+        return out.to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, dout):
+        x, w1, w2, rows, token, g, h, a, offsets = ctx.saved_tensors
+        T, d = x.shape
+        acc = compute_dtype(x)
+        dx = dgates = dw1 = dw2 = None
+        dy = dout[token]  # (n, d)
+        da_raw = grouped_mm(dy, w2, offsets)  # (n, f) = dy @ w2[e]
+        if ctx.needs_input_grad[2]:
+            dg = (da_raw.to(acc) * a.to(acc)).sum(1)  # (n,) = <dy, y>
+            dgates = torch.zeros(T * ctx.k, dtype=acc).index_put_((rows,), dg).view(T, ctx.k)
+            dgates = dgates.to(ctx.gates_dtype)
+        if ctx.needs_input_grad[4]:
+            dyg = (dy.to(acc) * g.to(acc)[:, None]).to(dy.dtype)  # (n, d)
+            dw2 = grouped_mm_t(dyg, a, offsets)  # (E, d, f)
+        if ctx.needs_input_grad[0] or ctx.needs_input_grad[3]:
+            da = (da_raw.to(acc) * g.to(acc)[:, None]).to(a.dtype)  # (n, f)
+            dh = act_backward(h, da, ctx.activation)  # (n, F1)
+            if ctx.needs_input_grad[3]:
+                dw1 = grouped_mm_t(dh, x[token], offsets)  # (E, F1, d)
+            if ctx.needs_input_grad[0]:
+                dxs = grouped_mm(dh, w1, offsets)  # (n, d) = dh @ w1[e]
+                dx = torch.zeros(T, d, dtype=acc).index_add_(0, token, dxs.to(acc)).to(x.dtype)
+        return dx, None, dgates, dw1, dw2, None
