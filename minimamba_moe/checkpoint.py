@@ -1,8 +1,10 @@
 """Model checkpoints: weights in safetensors, the config in JSON, written so a crash never breaks them.
 
-A checkpoint is a folder:
+A checkpoint is a folder (train.py writes ``DEFAULT_OUT_DIR`` unless told otherwise):
     model.safetensors   the weights (the tied embedding stored once, as ``embedding.weight``)
     config.json         {"format": 1, "model": <ModelConfig fields>, ...extra (tokenizer, step, ...)}
+    train_state.pt      train.py only: optimizer state, step, RNG states, settings (tensors, numbers,
+                        strings; read with ``torch.load(weights_only=True)``, which unpickles no objects)
 
 Each file is written under a temporary name in the same folder and renamed over the old one
 (``os.replace`` is atomic on POSIX), so a kill during a save leaves the previous checkpoint intact.
@@ -23,8 +25,10 @@ from safetensors.torch import load_file, save_file
 from .config import ConfigError, ModelConfig
 from .model import Model
 
+DEFAULT_OUT_DIR = "out"  # where train.py writes and sample.py reads when given no folder
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
+TRAIN_STATE = "train_state.pt"
 FORMAT = 1
 
 
@@ -114,3 +118,79 @@ def load_model(ckpt_dir: str | os.PathLike, device="cpu", dtype: torch.dtype | N
             if name.endswith(("A_log", ".D")):
                 p.data = p.data.float()
     return model, meta
+
+
+# --- training checkpoints (train.py) ---------------------------------------------------------------
+def _write_tmp(path: Path, write) -> str:
+    """``write(tmp)`` for a temporary file beside ``path``, flushed to disk; returns the temporary name."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp makes it private; a checkpoint is an ordinary file
+    except BaseException:
+        os.unlink(tmp)
+        raise
+    return tmp
+
+
+def remove_stale_tmp(out_dir: str | os.PathLike) -> None:
+    """Delete temporary files a killed save left behind (``.<name>.*.tmp``)."""
+    for f in Path(out_dir).glob(".*.tmp"):
+        f.unlink(missing_ok=True)
+
+
+def save_checkpoint(out_dir: str | os.PathLike, tensors: dict[str, torch.Tensor], config: ModelConfig,
+                    train_state: dict, before_rename=None, **extra) -> None:
+    """Write weights, config.json and the training state, all three to temporary names first, then rename.
+
+    ``tensors`` is the full model state dict (``lm_head.weight`` is left out when tied); ``train_state``
+    a dict of tensors, numbers, strings, lists and dicts. Every file records ``extra["step"]`` so that
+    ``load_train_state`` can tell a consistent checkpoint from one torn by a kill between renames.
+    ``before_rename()`` runs between the writes and the renames (tests kill the process there).
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    step = str(extra.get("step", ""))
+    if config.tie_embeddings:
+        tensors = {k: v for k, v in tensors.items() if k != "lm_head.weight"}
+    tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    meta = {"format": FORMAT, "model": config.to_dict(), **extra}
+    tmps = [
+        (_write_tmp(out_dir / WEIGHTS, lambda p: save_file(tensors, p, metadata={"format": str(FORMAT), "step": step})),
+         out_dir / WEIGHTS),
+        (_write_tmp(out_dir / TRAIN_STATE, lambda p: torch.save({**train_state, "step": extra.get("step")}, p)),
+         out_dir / TRAIN_STATE),
+        (_write_tmp(out_dir / CONFIG, lambda p: Path(p).write_text(json.dumps(meta, indent=2) + "\n")),
+         out_dir / CONFIG),
+    ]
+    if before_rename is not None:
+        before_rename()
+    for tmp, path in tmps:
+        os.replace(tmp, path)
+
+
+def load_train_state(ckpt_dir: str | os.PathLike, map_location="cpu") -> dict:
+    """The training state of a checkpoint folder, checked to belong to the same step as its weights."""
+    path = Path(ckpt_dir) / TRAIN_STATE
+    if not path.is_file():
+        raise CheckpointError(f"Cannot resume: {path} does not exist (that folder holds no training checkpoint).")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:
+        raise CheckpointError(f"{path} is damaged or not a minimamba-moe training state ({type(e).__name__}).") from None
+    _, meta = read_config(ckpt_dir)
+    try:
+        from safetensors import safe_open
+
+        with safe_open(Path(ckpt_dir) / WEIGHTS, "pt") as f:
+            weights_step = (f.metadata() or {}).get("step")
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"{Path(ckpt_dir) / WEIGHTS} is missing or damaged ({e}).") from None
+    steps = {str(state.get("step")), str(meta.get("step")), str(weights_step)}
+    if len(steps) != 1:
+        raise CheckpointError(f"The checkpoint in {ckpt_dir} is torn (a save was killed between renames): "
+                              f"steps {sorted(steps)} in its files. Resume from an older copy or start afresh.")
+    return state
