@@ -17,7 +17,9 @@ import os
 import sys
 
 # Modules of fast/ that define Triton kernels and an AOT_SPECS list.
-KERNEL_MODULES: list[str] = []
+KERNEL_MODULES: list[str] = [
+    "sinkhorn_triton",  # issue 4: fused Sinkhorn
+]
 
 ARCHS = (80, 90)
 
