@@ -1,0 +1,107 @@
+"""Depthwise causal 1-D convolution, fast: one grouped ``F.conv1d`` instead of a loop over taps.
+
+Same signatures and docstrings as ``reference/causal_conv1d.py`` (read it first; diff the two).
+The reference sums the k taps explicitly; here the left history (k-1 zeros, or the last k-1
+columns of conv_state) is concatenated in front of x and a grouped convolution (groups = d, one
+filter per channel) does the sum in one call, on any device. Autograd differentiates it.
+
+Glossary (as in the reference):
+    x           the input sequence                           (b, d, l)
+    weight      one length-k filter per channel              (d, k)
+    bias        per-channel bias                            (d,)
+    conv_state  the last k inputs seen before x, oldest first (b, d, k)
+    xpad        cat(conv_state[..., 1:], x)                  (b, d, l + k - 1)
+
+Computed in float32 (float64 if an input is float64), returned in x.dtype.
+"""
+
+import torch
+import torch.nn.functional as F
+
+from minimamba_moe.reference._checks import check_ndim, check_shape, compute_dtype
+
+ACTIVATIONS = (None, "silu")
+
+
+def _check_activation(activation):
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+
+
+def causal_conv1d(x, weight, bias=None, conv_state=None, activation=None):
+    """Depthwise causal convolution of a whole sequence.
+
+    Args:
+        x: (b, d, l) input.
+        weight: (d, k) one filter per channel; weight[:, -1] multiplies the current input.
+        bias: (d,) optional.
+        conv_state: (b, d, k) the last k inputs seen before x, oldest first (zeros if None).
+            Only its last k-1 columns are used. Not modified.
+        activation: None or "silu", applied after the bias.
+
+    Returns:
+        out: (b, d, l) in x.dtype.
+
+    Raises:
+        ValueError: on a shape mismatch or an unknown activation.
+    """
+    check_ndim("x", x, 3, "(b, d, l)")
+    b, d, l = x.shape
+    check_ndim("weight", weight, 2, "(d, k)")
+    k = weight.shape[1]
+    check_shape("weight", weight, (d, k))
+    if bias is not None:
+        check_shape("bias", bias, (d,))
+    if conv_state is not None:
+        check_shape("conv_state", conv_state, (b, d, k))
+    _check_activation(activation)
+
+    f = compute_dtype(x, weight, bias, conv_state)
+    if conv_state is None:
+        xpad = F.pad(x.to(f), (k - 1, 0))  # (b, d, l + k - 1), zeros in front
+    else:
+        xpad = torch.cat([conv_state[..., 1:].to(f), x.to(f)], dim=-1)  # (b, d, l + k - 1)
+    # groups=d: channel c is convolved with weight[c] alone; F.conv1d is a cross-correlation, so
+    # out[t] = Σ_j weight[c, j] xpad[t + j], the reference's sum.
+    out = F.conv1d(xpad, weight.to(f)[:, None, :], None if bias is None else bias.to(f), groups=d)  # (b, d, l)
+    if activation == "silu":
+        out = F.silu(out)
+    return out.to(x.dtype)
+
+
+def causal_conv1d_update(x, conv_state, weight, bias=None, activation=None):
+    """One decode step: push ``x`` into ``conv_state`` (in place) and convolve the window.
+
+    Args:
+        x: (b, d) the new input.
+        conv_state: (b, d, k) the last k inputs, oldest first; updated in place: shifted left by
+            one with x put last.
+        weight: (d, k) one filter per channel.
+        bias: (d,) optional.
+        activation: None or "silu".
+
+    Returns:
+        out: (b, d) in x.dtype, equal to position t of ``causal_conv1d`` over the whole sequence.
+
+    Raises:
+        ValueError: on a shape mismatch or an unknown activation.
+    """
+    check_ndim("conv_state", conv_state, 3, "(b, d, k)")
+    b, d, k = conv_state.shape
+    check_shape("x", x, (b, d))
+    check_shape("weight", weight, (d, k))
+    if bias is not None:
+        check_shape("bias", bias, (d,))
+    _check_activation(activation)
+
+    # torch.roll copies, so the shift is safe in place (a plain overlapping slice assignment is not).
+    conv_state.copy_(torch.roll(conv_state, shifts=-1, dims=-1))
+    conv_state[..., -1] = x  # the newest input goes last
+
+    f = compute_dtype(x, conv_state, weight, bias)
+    out = torch.einsum("bdk,dk->bd", conv_state.to(f), weight.to(f))  # (b, d)
+    if bias is not None:
+        out = out + bias.to(f)
+    if activation == "silu":
+        out = F.silu(out)
+    return out.to(x.dtype)

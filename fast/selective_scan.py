@@ -1,0 +1,162 @@
+"""The selective scan (Mamba-1), fast: Triton on CUDA tensors, vectorised PyTorch elsewhere.
+
+Same signatures and docstrings as ``reference/selective_scan.py`` (diff the two files); the
+argument checks are the reference's (``reference/_checks.py``), so both raise the same errors.
+Read in this order:
+
+    reference/selective_scan.py   the math as a loop over time (the spec)
+    fast/scan_cpu.py              chunked per-step loop on (b, d, n) tiles + hand-written backward
+    fast/scan_triton.py           the Triton forward and backward kernels (CUDA, or the interpreter)
+    fast/state_update_triton.py   the Triton decode step
+
+Dispatch: CUDA tensors in float32/bfloat16/float16 go to Triton; everything else (CPU, float64)
+goes to the PyTorch path of fast/scan_cpu.py, which needs no triton. The Triton launchers are also
+importable on their own (``selective_scan_triton``, ``selective_state_update_triton``) so the tests
+can run them on CPU tensors under ``TRITON_INTERPRET=1``.
+"""
+
+import torch
+import torch.nn.functional as F
+
+from minimamba_moe.reference._checks import check_ndim, check_shape, compute_dtype
+
+from .scan_cpu import selective_scan_cpu
+
+_TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _use_triton(*tensors):
+    """True when every given tensor is on CUDA in a dtype the kernels take (and triton imports)."""
+    ts = [t for t in tensors if t is not None]
+    if not all(t.is_cuda and t.dtype in _TRITON_DTYPES for t in ts):
+        return False
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def selective_scan(
+    u,
+    delta,
+    A,
+    B,
+    C,
+    D=None,
+    z=None,
+    delta_bias=None,
+    delta_softplus=False,
+    initial_state=None,
+    return_last_state=False,
+):
+    """Run the selective scan over a whole sequence.
+
+    Args:
+        u: (b, d, l) input x_t, any float dtype; l >= 1.
+        delta: (b, d, l) step size Δ before bias and softplus.
+        A: (d, n) state matrix (one diagonal per channel, negative for a stable scan).
+        B: (b, n, l) input matrix, one per position.
+        C: (b, n, l) output matrix, one per position.
+        D: (d,) skip weight, optional: out = y + D * u.
+        z: (b, d, l) gate, optional: out = out * silu(z).
+        delta_bias: (d,) added to delta before the softplus, optional.
+        delta_softplus: apply softplus to (delta + delta_bias).
+        initial_state: (b, d, n) state h_{-1}, optional (zeros if None).
+        return_last_state: also return the state after the last position.
+
+    Returns:
+        out: (b, d, l) in u.dtype; or (out, last_state) when return_last_state, with
+        last_state (b, d, n) in float32 (float64 if an input is float64).
+
+    Raises:
+        ValueError: if a tensor's shape does not match the layout above.
+    """
+    check_ndim("u", u, 3, "(b, d, l)")
+    b, d, l = u.shape
+    check_ndim("A", A, 2, "(d, n)")
+    n = A.shape[1]
+    check_shape("delta", delta, (b, d, l))
+    check_shape("A", A, (d, n))
+    check_shape("B", B, (b, n, l))
+    check_shape("C", C, (b, n, l))
+    if D is not None:
+        check_shape("D", D, (d,))
+    if z is not None:
+        check_shape("z", z, (b, d, l))
+    if delta_bias is not None:
+        check_shape("delta_bias", delta_bias, (d,))
+    if initial_state is not None:
+        check_shape("initial_state", initial_state, (b, d, n))
+    if l < 1:
+        raise ValueError(f"u must have length l >= 1, got shape {tuple(u.shape)}")
+
+    f = compute_dtype(u, delta, A, B, C, D, z, delta_bias, initial_state)
+    if f == torch.float32 and _use_triton(u, delta, A, B, C, D, z, delta_bias, initial_state):
+        from .scan_triton import selective_scan_triton
+
+        out, last = selective_scan_triton(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state)
+    else:
+        out, last = selective_scan_cpu(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, f)
+    return (out, last) if return_last_state else out
+
+
+def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False):
+    """Advance the scan by one position (decoding), updating ``state`` in place.
+
+    Equals one position of ``selective_scan`` started from ``initial_state=state``.
+
+    Args:
+        state: (b, d, n) the state h_{t-1}, float32 (or float64); overwritten with h_t.
+        x: (b, d) input x_t.
+        dt: (b, d) step size Δ_t before bias and softplus.
+        A: (d, n) state matrix.
+        B: (b, n) input matrix for this position.
+        C: (b, n) output matrix for this position.
+        D: (d,) skip weight, optional.
+        z: (b, d) gate, optional: out = out * silu(z).
+        dt_bias: (d,) added to dt before the softplus, optional.
+        dt_softplus: apply softplus to (dt + dt_bias).
+
+    Returns:
+        out: (b, d) in x.dtype.
+
+    Raises:
+        ValueError: if a tensor's shape does not match the layout above.
+    """
+    check_ndim("state", state, 3, "(b, d, n)")
+    b, d, n = state.shape
+    check_shape("x", x, (b, d))
+    check_shape("dt", dt, (b, d))
+    check_shape("A", A, (d, n))
+    check_shape("B", B, (b, n))
+    check_shape("C", C, (b, n))
+    if D is not None:
+        check_shape("D", D, (d,))
+    if z is not None:
+        check_shape("z", z, (b, d))
+    if dt_bias is not None:
+        check_shape("dt_bias", dt_bias, (d,))
+
+    f = compute_dtype(state, x, dt, A, B, C, D, z, dt_bias)
+    if f == torch.float32 and state.dtype == torch.float32 and _use_triton(state, x, dt, A, B, C, D, z, dt_bias):
+        from .state_update_triton import selective_state_update_triton
+
+        return selective_state_update_triton(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus)
+
+    # One position needs no loop: the reference's math, (b, d, n) tiles, fused where torch allows.
+    dt = dt.to(f)
+    if dt_bias is not None:
+        dt = dt + dt_bias.to(f)  # (b, d)
+    if dt_softplus:
+        dt = F.softplus(dt)  # (b, d)
+    xf = x.to(f)
+    dA = torch.exp(dt[..., None] * A.to(f))  # (b, d, n)
+    h = torch.addcmul(dA * state.to(f), (dt * xf)[..., None], B.to(f)[:, None, :])  # dA h + Δ x B
+    state.copy_(h)
+    out = torch.einsum("bdn,bn->bd", h, C.to(f))  # (b, d)
+    if D is not None:
+        out = out + D.to(f) * xf
+    if z is not None:
+        out = out * F.silu(z.to(f))
+    return out.to(x.dtype)
