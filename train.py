@@ -151,7 +151,7 @@ def read_command_line(argv):
         if not eq:
             if isinstance(SETTINGS.get(key), bool) or MODEL_FIELDS.get(key) == "bool":
                 value = "true"
-            elif i + 1 < len(argv):
+            elif i + 1 < len(argv) and not argv[i + 1].startswith("--"):
                 value, i = argv[i + 1], i + 1
             else:
                 raise UsageError(f"--{key} needs a value")
@@ -190,8 +190,9 @@ def configure(argv):
     settings = dict(SETTINGS)
     out = str(given.get("out_dir", settings["out_dir"]))
     if str(given.get("resume", "false")).lower() in ("true", "1", "yes"):
-        saved = load_train_state(out)["settings"]  # the run's own settings, then the new ones on top
-        settings.update(json.loads(saved))
+        saved = json.loads(load_train_state(out)["settings"])  # the run's own settings, then the new ones on top
+        saved.pop("model")  # on resume the model is the checkpoint's config.json
+        settings.update(saved)
     else:
         name = str(given.get("preset", settings["preset"]))
         if name not in PRESETS:

@@ -72,12 +72,14 @@ def iter_files(files: list[Path]):
 
 def iter_dataset(dataset: str, dataset_config: str, text_field: str):
     """The texts of a `datasets` dataset: a local file (any machine) or a hub name (streamed)."""
+    local = Path(dataset)
+    if not local.exists() and not hub_reachable():
+        os.environ["HF_HUB_OFFLINE"] = "1"  # no network: use a cached copy if there is one, without retries
     try:
         import datasets
     except ImportError:
         raise DataError("--dataset needs the `datasets` package: pip install datasets.") from None
     datasets.disable_progress_bars()
-    local = Path(dataset)
     if local.exists():
         builder = LOCAL_BUILDERS.get(local.suffix.lower()) if local.is_file() else None
         if builder is None:
@@ -107,6 +109,16 @@ def iter_dataset(dataset: str, dataset_config: str, text_field: str):
                         f"{', '.join(ds.column_names)}. Pick one with --text_field.")
     for row in ds:
         yield row[text_field]
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    import socket
+
+    try:
+        socket.create_connection(("huggingface.co", 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
 
 
 # --- tokenize once into the cache ---------------------------------------------------------------
