@@ -1,7 +1,7 @@
 """Sample text from a minimamba-moe checkpoint, or from Zyphra's released BlackMamba weights.
 
     python sample.py                                    # the checkpoint `python train.py` wrote
-    python sample.py --ckpt out-big --prompt "Once upon a time" --max_new_tokens 200
+    python sample.py out-big --prompt "Once upon a time" --max_new_tokens 200
     echo "The meaning of life is" | python sample.py --temperature 0.7 --top_k 50
     python sample.py --zyphra BlackMamba-1.5B/pytorch_model.bin --tokenizer gpt-neox-20b/tokenizer.json
 
@@ -40,6 +40,7 @@ class SampleError(ValueError):
 def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     src = ap.add_argument_group("model")
+    src.add_argument("ckpt_dir", nargs="?", metavar="CKPT", help="checkpoint folder, same as --ckpt")
     src.add_argument("--ckpt", default=DEFAULT_OUT_DIR, help=f"checkpoint folder (default: {DEFAULT_OUT_DIR})")
     src.add_argument("--zyphra", metavar="PATH", help="Zyphra's pytorch_model.bin instead of --ckpt")
     src.add_argument("--tokenizer", help="tokenizer spec (bytes, gpt2, *.tiktoken, tokenizer.json); "
@@ -65,6 +66,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     r.add_argument("--dtype", choices=["auto", *DTYPES], default="auto",
                    help="weights' dtype (default: bfloat16 on a GPU or with --zyphra, else float32)")
     args = ap.parse_args(argv)
+    args.ckpt = args.ckpt_dir or args.ckpt
     if args.num_samples < 1 or args.max_new_tokens < 1:
         raise SampleError("--num_samples and --max_new_tokens must be at least 1.")
     if args.temperature < 0 or not 0 < args.top_p <= 1 or args.top_k < 0:
@@ -180,6 +182,7 @@ def main(argv=None) -> None:
                 if t == tok.eot_token:
                     break
                 print(stream.push(t), end="", flush=True)
+            tokens.close()
             print(stream.flush(), flush=True)
     except KeyboardInterrupt:
         print(file=sys.stderr)
