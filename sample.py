@@ -77,8 +77,12 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def pick_device_dtype(args) -> tuple[torch.device, torch.dtype]:
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          "cpu" if args.device == "auto" else args.device)
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        raise SampleError(f"--device {args.device} is not a device name (cpu, cuda, cuda:1, ...).") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SampleError(f"--device {args.device}: no CUDA GPU is available here; use --device cpu.")
     if args.dtype != "auto":
