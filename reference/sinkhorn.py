@@ -102,4 +102,4 @@ def sinkhorn(logits, init="blackmamba", stopping="absolute", tol=1e-4, max_iters
             break
 
     P = d0[:, None] * c * d1[None, :]  # (T, E)
-    return P, torch.tensor(n_iters, dtype=torch.int64)
+    return P, torch.tensor(n_iters, dtype=torch.int64, device=logits.device)
