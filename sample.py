@@ -18,7 +18,6 @@ Transformer's context, ...) print one line to stderr and exit with status 1.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 
@@ -26,7 +25,7 @@ import torch
 
 from minimamba_moe.checkpoint import DEFAULT_OUT_DIR, CheckpointError, load_model, save_model
 from minimamba_moe.config import BACKENDS, ConfigError
-from minimamba_moe.convert import ACTIVATIONS, DEFAULT_ACTIVATION, load_zyphra
+from minimamba_moe.convert import ACTIVATIONS, DEFAULT_ACTIVATION, load_zyphra, stored_tokenizer_spec
 from minimamba_moe.generate import StreamDecoder, generate_tokens
 from minimamba_moe.tokenizer import TokenizerError, load_tokenizer
 
@@ -101,7 +100,7 @@ def load(args, device, dtype):
         print(f"{args.zyphra}: BlackMamba preset {model.config.name}, {model.config.mlp_activation} experts, "
               f"{n.total / 1e6:.1f}M params ({n.active / 1e6:.1f}M active)", file=sys.stderr)
         if args.save_converted:
-            save_model(model, args.save_converted, tokenizer=os.path.abspath(args.tokenizer))
+            save_model(model, args.save_converted, tokenizer=stored_tokenizer_spec(args.tokenizer))
             print(f"saved the converted checkpoint to {args.save_converted}", file=sys.stderr)
     else:
         model, extra = load_model(args.ckpt, device, dtype)

@@ -239,6 +239,11 @@ def load_zyphra(
     return convert_zyphra(load_zyphra_state_dict(path), activation, vocab_size, dtype)
 
 
+def stored_tokenizer_spec(spec: str) -> str:
+    """The tokenizer spec to write into a converted checkpoint: a file as an absolute path, a name as is."""
+    return os.path.abspath(spec) if os.path.isfile(spec) else spec
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description="Convert Zyphra's BlackMamba pytorch_model.bin to a minimamba-moe checkpoint.")
     ap.add_argument("path", help="pytorch_model.bin from Zyphra/BlackMamba-1.5B or -2.8B")
@@ -252,7 +257,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         tok = load_tokenizer(args.tokenizer)
         model = load_zyphra(args.path, args.activation, tok)
-        save_model(model, args.out, tokenizer=os.path.abspath(args.tokenizer), converted_from=os.path.abspath(args.path))
+        save_model(model, args.out, tokenizer=stored_tokenizer_spec(args.tokenizer), converted_from=os.path.abspath(args.path))
     except (CheckpointError, TokenizerError) as e:
         sys.exit(f"error: {e}")
     total = model.count_params()
