@@ -256,3 +256,12 @@ def test_sample_py_zyphra_end_to_end(zyphra_file, tmp_path):
     second = run("--ckpt", str(tmp_path / "c"))
     assert second.returncode == 0, second.stderr
     assert second.stdout == first.stdout
+
+
+def test_stored_tokenizer_spec(tmp_path, monkeypatch):
+    from minimamba_moe.convert import stored_tokenizer_spec
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "tokenizer.json").write_text("{}")
+    assert stored_tokenizer_spec("bytes") == "bytes"  # a name stays a name
+    assert stored_tokenizer_spec("tokenizer.json") == str(tmp_path / "tokenizer.json")  # a file: absolute
