@@ -6,7 +6,7 @@ Same signature and docstring as ``reference.moe.moe_experts`` (diff them). Where
                                     first GEMM, fused gated activation, gate * scatter-add in the
                                     second; hand-written backward kernels
     CPU tensors  -> moe_cpu.py      sort + torch grouped_mm (per-expert matmuls as fallback),
-                                    hand-written backward
+    (and float64)                   hand-written backward
     both         -> routing.py      expert histogram, offsets and permutation, on the device
 
 Glossary (code name = meaning, shape): as in reference/moe.py —
@@ -59,7 +59,7 @@ def moe_experts(x, expert_idx, gates, w1, w2, activation="swiglu"):
     check_shape("w1", w1, (E, f if activation == "relu" else 2 * f, d))
     if expert_idx.dtype not in (torch.int64, torch.int32):
         raise ValueError(f"expert_idx must be an integer tensor (int64), got {expert_idx.dtype}")
-    if x.is_cuda:
+    if x.is_cuda and x.dtype != torch.float64:
         # The range check would read the indices back to the host (a sync per layer): on the GPU it
         # is skipped, and an index outside [0, E) is treated like -1 (dropped) by the kernels.
         from .moe_triton import moe_experts_triton

@@ -99,7 +99,7 @@ def act_backward(h, da, activation):
         pdf = torch.exp(-0.5 * gate * gate) * 0.3989422804014327  # φ
         act, dact = gate * cdf, cdf + gate * pdf  # exact gelu and gelu'
     daf = da.to(acc)
-    dh = torch.empty(h.shape, dtype=acc)
+    dh = torch.empty(h.shape, dtype=acc, device=h.device)
     torch.mul(daf * up, dact, out=dh[:, :f])
     torch.mul(daf, act, out=dh[:, f:])
     return dh.to(h.dtype)
@@ -121,7 +121,7 @@ class MoEExpertsCPU(torch.autograd.Function):
         h = grouped_mm(xs, w1.transpose(1, 2), r.offsets)  # (n, F1)
         a = act_forward(h, activation)  # (n, f)
         y = grouped_mm(a, w2.transpose(1, 2), r.offsets)  # (n, d)
-        out = torch.zeros(T, d, dtype=acc)
+        out = torch.zeros(T, d, dtype=acc, device=x.device)
         out.index_add_(0, token, y.to(acc) * g.to(acc)[:, None])
         ctx.save_for_backward(x, w1, w2, rows, token, g, h, a, r.offsets)
         ctx.activation, ctx.k, ctx.gates_dtype = activation, k, gates.dtype
@@ -137,7 +137,7 @@ class MoEExpertsCPU(torch.autograd.Function):
         da_raw = grouped_mm(dy, w2, offsets)  # (n, f) = dy @ w2[e]
         if ctx.needs_input_grad[2]:
             dg = (da_raw.to(acc) * a.to(acc)).sum(1)  # (n,) = <dy, y>
-            dgates = torch.zeros(T * ctx.k, dtype=acc).index_put_((rows,), dg).view(T, ctx.k)
+            dgates = torch.zeros(T * ctx.k, dtype=acc, device=x.device).index_put_((rows,), dg).view(T, ctx.k)
             dgates = dgates.to(ctx.gates_dtype)
         if ctx.needs_input_grad[4]:
             dyg = (dy.to(acc) * g.to(acc)[:, None]).to(dy.dtype)  # (n, d)
@@ -149,5 +149,5 @@ class MoEExpertsCPU(torch.autograd.Function):
                 dw1 = grouped_mm_t(dh, x[token], offsets)  # (E, F1, d)
             if ctx.needs_input_grad[0]:
                 dxs = grouped_mm(dh, w1, offsets)  # (n, d) = dh @ w1[e]
-                dx = torch.zeros(T, d, dtype=acc).index_add_(0, token, dxs.to(acc)).to(x.dtype)
+                dx = torch.zeros(T, d, dtype=acc, device=x.device).index_add_(0, token, dxs.to(acc)).to(x.dtype)
         return dx, None, dgates, dw1, dw2, None
