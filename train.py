@@ -20,6 +20,7 @@ import os
 import re
 import sys
 import time
+import warnings
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -67,7 +68,7 @@ beta1 = 0.9
 beta2 = 0.999
 grad_clip = 0.5  # clip the global gradient norm to this (0 = off)
 # evaluation, checkpoints
-eval_interval = 50  # validation loss every this many steps (and at the end)
+eval_interval = 25  # validation loss every this many steps (and at the start and the end)
 eval_batches = 4  # validation micro-batches per evaluation (per process)
 ckpt_interval = 0  # checkpoint every this many steps (0 = eval_interval); always at the end
 # system
@@ -76,7 +77,7 @@ dtype = "auto"  # auto (bfloat16 autocast on GPU, float32 on CPU) | float32 | bf
 compile = False  # torch.compile the model
 fsdp = False  # under torchrun: shard with FSDP2 (fully_shard) instead of DDP
 seed = 1337  # model init and data order
-threads = 0  # CPU threads for torch (0 = its default)
+threads = 1  # CPU threads for torch (0 = its default); small models train fastest on 1, above all on a busy machine
 progress = True  # show the tqdm progress bar
 # ------------------------------------------------------------------------------------------------
 SETTINGS = {k: v for k, v in dict(globals()).items() if not k.startswith("_") and isinstance(v, (bool, int, float, str))
@@ -85,7 +86,7 @@ SETTINGS = {k: v for k, v in dict(globals()).items() if not k.startswith("_") an
 # Training defaults per preset (SPEC §3, MoE-Mamba's recipe: GPT-2 tokens, context 1024, AdamW(0.9, 0.999),
 # weight decay 0.1, clip 0.5, 1% warmup, cosine to 0.1; global batch 64 at 25M, 1024 at 100M: with N GPUs
 # divide grad_accum by N). BlackMamba's optimizer settings are not in SPEC: it reuses MoE-Mamba's recipe.
-_LARGE = dict(tokenizer="gpt2", eval_interval=1000, eval_batches=20, seq_len=1024)
+_LARGE = dict(tokenizer="gpt2", eval_interval=1000, eval_batches=20, seq_len=1024, threads=0)
 PRESET_TRAINING = {
     "tiny": {},
     "moe-mamba-25m": dict(_LARGE, lr=5e-4, batch_size=64, max_steps=150_000),
@@ -98,6 +99,8 @@ PRESET_TRAINING = {
     "blackmamba-1.5b": dict(_LARGE, lr=5e-4, batch_size=8, grad_accum=8, seq_len=2048, max_steps=100_000),
     "blackmamba-2.8b": dict(_LARGE, lr=5e-4, batch_size=4, grad_accum=16, seq_len=2048, max_steps=100_000),
 }
+# FSDP2 warns that the logits are a view (the padded vocab is sliced off); nothing here modifies them in place.
+warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
 MODEL_FIELDS = {f.name: f.type for f in dataclasses.fields(ModelConfig) if f.name != "name"}
 
 
@@ -106,8 +109,8 @@ class UsageError(ValueError):
 
 
 # --- settings: defaults < preset < saved run (--resume) < config file < command line --------------
-def parse_value(key, value, default, annotation=None):
-    """Check (a typed config-file value) or convert (a command-line string) against the default's type."""
+def parse_value(key, value, default, annotation=None, typed=False):
+    """Convert a command-line string, or check a config file's typed value (typed=True), against the default's type."""
     kind = annotation or type(default).__name__
     if value is None or value in ("None", "none") and "None" in kind:
         if "None" in kind:
@@ -116,7 +119,7 @@ def parse_value(key, value, default, annotation=None):
     if "tuple" in kind:
         return tuple(s.strip() for s in value.split(",")) if isinstance(value, str) else tuple(value)
     base = kind.split("|")[0].strip()
-    if isinstance(value, str) and base != "str":
+    if isinstance(value, str) and base != "str" and not typed:
         if base == "bool":
             if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
                 raise UsageError(f"--{key}={value}: expected true or false")
@@ -186,7 +189,8 @@ def read_config_file(path):
 def configure(argv):
     """The run's settings dict and the model config overrides it names."""
     path, given = read_command_line(argv)
-    given = {**(read_config_file(path) if path else {}), **given}
+    from_file = read_config_file(path) if path else {}
+    given = {**from_file, **given}
     settings = dict(SETTINGS)
     out = str(given.get("out_dir", settings["out_dir"]))
     if str(given.get("resume", "false")).lower() in ("true", "1", "yes"):
@@ -200,10 +204,11 @@ def configure(argv):
         settings.update(PRESET_TRAINING.get(name, {}))
     model_overrides = settings.pop("model", {})
     for key, value in given.items():
+        typed = key in from_file and from_file[key] is value
         if key in SETTINGS:
-            settings[key] = parse_value(key, value, SETTINGS[key])
+            settings[key] = parse_value(key, value, SETTINGS[key], typed=typed)
         else:
-            model_overrides[key] = parse_value(key, value, None, MODEL_FIELDS[key])
+            model_overrides[key] = parse_value(key, value, None, MODEL_FIELDS[key], typed=typed)
     return settings, model_overrides
 
 
@@ -292,6 +297,8 @@ def main(argv):
         load_weights(raw_model, out_dir / WEIGHTS)
     raw_model.to(dev)
     no_decay = {n for n, p in raw_model.named_parameters() if p.ndim < 2 or getattr(p, "_no_weight_decay", False)}
+    n = raw_model.count_params()
+    log(f"model {mconfig.name}: {n.total / 1e6:.2f}M parameters, {n.active / 1e6:.2f}M active per token")
     model = raw_model
     if distributed and cfg["fsdp"]:  # FSDP2: each layer's parameters sharded over the processes
         from torch.distributed.fsdp import fully_shard
@@ -304,8 +311,6 @@ def main(argv):
         model = torch.nn.parallel.DistributedDataParallel(raw_model, device_ids=[dev] if device_type == "cuda" else None)
     if cfg["compile"]:
         model = torch.compile(model)
-    n = raw_model.count_params() if not cfg["fsdp"] else None
-    log(f"model {mconfig.name}: " + (f"{n.total / 1e6:.2f}M parameters, {n.active / 1e6:.2f}M active per token" if n else "sharded"))
 
     # --- AdamW: weight decay on matrices only (fused kernel on CUDA) ------------------------------------
     params = dict(raw_model.named_parameters())
@@ -321,6 +326,8 @@ def main(argv):
         state = load_train_state(out_dir)
         set_optimizer_state_dict(raw_model, optimizer, state["optimizer"], options=StateDictOptions(full_state_dict=True))
         torch.set_rng_state(state["rng_cpu"])
+        if device_type == "cuda" and "rng_cuda" in state:
+            torch.cuda.set_rng_state(state["rng_cuda"])
         start_step = state["step"]
         log(f"resuming {out_dir} at step {start_step}")
 
@@ -364,7 +371,10 @@ def main(argv):
                     print("checkpoint written to temporary files; hanging before the renames", file=sys.stderr, flush=True)
                     time.sleep(3600)
             settings = json.dumps({**cfg, "resume": False, "model": {**model_overrides}})
-            save_checkpoint(out_dir, sd, mconfig, {"optimizer": osd, "settings": settings, "rng_cpu": torch.get_rng_state()},
+            state = {"optimizer": osd, "settings": settings, "rng_cpu": torch.get_rng_state()}
+            if device_type == "cuda":
+                state["rng_cuda"] = torch.cuda.get_rng_state()
+            save_checkpoint(out_dir, sd, mconfig, state,
                             before_rename=before_rename, tokenizer=tok_spec, step=step)
         if distributed:
             dist.barrier()
@@ -385,7 +395,11 @@ def main(argv):
     ckpt_every = cfg["ckpt_interval"] or cfg["eval_interval"]
     bar = tqdm(total=cfg["max_steps"], initial=start_step, disable=not (master and cfg["progress"]),
                dynamic_ncols=True, file=sys.stdout)
-    val = None
+    val, t_start = None, time.perf_counter()
+    if start_step == 0:  # the loss before training: ln(vocab_size) or so
+        val = evaluate()
+        record(step=0, val_loss=val)
+        log(f"step 0: val loss {val:.4f}")
     for step in range(start_step, cfg["max_steps"]):
         t0 = time.perf_counter()
         lr_now = lr_at(step, cfg)
@@ -419,7 +433,7 @@ def main(argv):
         loss, aux = stats.tolist()
         dt = time.perf_counter() - t0
         r = dict(step=step + 1, loss=loss, aux_loss=aux, lr=lr_now, grad_norm=grad_norm.item(),
-                 tokens_per_s=tokens_per_step / dt)
+                 tokens_per_s=tokens_per_step / dt, elapsed_s=time.perf_counter() - t_start)
         postfix = dict(loss=f"{loss:.3f}", tok_s=f"{tokens_per_step / dt:.0f}", lr=f"{lr_now:.1e}")
         if out.router_stats:
             r.update(tokens_per_expert=counts.tolist(), dropped=dropped.tolist())
