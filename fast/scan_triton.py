@@ -1,0 +1,220 @@
+"""The selective scan in Triton: the forward kernel, its launcher, and the autograd Function.
+
+Read ``reference/selective_scan.py`` first (the math as a loop over time), then this file (the
+forward), then ``fast/scan_triton_bwd.py`` (the backward). Math: SPEC §1.
+
+Glossary (code name = meaning, shape; the reference's names where they exist):
+
+    u, delta, z    x_t, Δ_t before bias/softplus, the gate         (b, d, l)   fp32/bf16/fp16 in HBM
+    A              state matrix, negative                         (d, n)      fp32
+    B, C           input / output matrices per position           (b, n, l)
+    D, delta_bias  skip weight, bias added to Δ                   (d,)        fp32
+    h              the state carried from chunk to chunk          (BLOCK_D, BLOCK_N) fp32, registers
+    dA, dBu        exp(Δ A) and Δ B u for one chunk               (BLOCK_D, BLOCK_N, BLOCK_L) registers only
+    h_starts       the state before every chunk, for the backward (b, nchunks, d, n) fp32
+    BLOCK_D        channels per program; BLOCK_N >= n, the whole state; BLOCK_L positions per chunk
+
+Parallelism: one program per (batch row, block of BLOCK_D channels): channels never interact, so
+this grid needs no communication. Inside a program the sequence is walked chunk by chunk, the
+state h carried in registers from one chunk to the next.
+
+Inside a chunk, the recurrence h_t = dA_t h_{t-1} + dBu_t is a composition of affine maps
+h -> a h + b, and composing two of them is associative:
+
+    (a1, b1) then (a2, b2)  =  (a1 a2,  a2 b1 + b2)                               (_combine)
+
+so ``tl.associative_scan`` over the chunk's (dA, dBu) pairs gives, for every position t in the
+chunk, the map from the chunk's start state to h_t: h_t = a_cum_t h_start + b_cum_t. Why this and
+not a plain loop over t: the loop runs BLOCK_L dependent steps on a (BLOCK_D, BLOCK_N) tile, while
+the scan does the chunk in log2(BLOCK_L) parallel steps over the whole (BLOCK_D, BLOCK_N, BLOCK_L)
+tile, and the loads of u, Δ, B, C, z and the store of the output become (.., BLOCK_L) vector
+accesses instead of one column at a time. Why chunks at all: a_cum is a product of decays that
+underflows over long spans; within a chunk it only ever multiplies h_start (no division by it),
+so nothing can overflow at any length. Only h_starts (one state per chunk) reaches HBM; dA, dBu
+and the states at every position never do. The backward recomputes them from h_starts.
+
+Padding: positions past the end of the sequence get Δ = 0, so dA = 1 and dBu = 0: the state
+passes through them unchanged and the chunk's last column is the sequence's last state.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+# Launch configuration. BLOCK_L is the chunk length and must be the same in the forward and the
+# backward (the backward starts from the forward's h_starts). Not tuned on a GPU yet.
+BLOCK_L = 32
+BLOCK_D_FWD = 16
+NUM_WARPS = 4
+
+
+@triton.jit
+def _combine(a1, b1, a2, b2):
+    """Compose two affine maps: first h -> a1 h + b1, then h -> a2 h + b2."""
+    return a1 * a2, a2 * b1 + b2
+
+
+@triton.jit
+def _softplus(x):
+    """log(1 + e^x) in fp32 without overflow, and accurate for very negative x (Kahan's log1p)."""
+    e = tl.exp(tl.minimum(x, 20.0))
+    w = 1.0 + e
+    log1p_e = tl.where(w == 1.0, e, tl.log(w) * (e / (w - 1.0)))
+    return tl.where(x > 20.0, x, log1p_e)
+
+
+@triton.jit
+def _load_chunk(u_ptr, delta_ptr, B_ptr, C_ptr, bias, pid_b, offs_d, offs_n, t, Dm, L, N,
+                HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):
+    """One chunk's inputs in fp32: u, Δ (processed; 0 past the end) (BLOCK_D, BLOCK_L); B, C (BLOCK_N, BLOCK_L)."""
+    mask_dl = (offs_d[:, None] < Dm) & (t[None, :] < L)
+    mask_nl = (offs_n[:, None] < N) & (t[None, :] < L)
+    dl = pid_b * Dm * L + offs_d[:, None] * L + t[None, :]  # (b, d, l) contiguous
+    nl = pid_b * N * L + offs_n[:, None] * L + t[None, :]  # (b, n, l) contiguous
+    u = tl.load(u_ptr + dl, mask=mask_dl, other=0.0).to(tl.float32)
+    dt_raw = tl.load(delta_ptr + dl, mask=mask_dl, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        dt_raw += bias[:, None]
+    dt = dt_raw
+    if SOFTPLUS:
+        dt = _softplus(dt_raw)
+    dt = tl.where(mask_dl, dt, 0.0)  # padding: dA = 1, dBu = 0
+    Bt = tl.load(B_ptr + nl, mask=mask_nl, other=0.0).to(tl.float32)
+    Ct = tl.load(C_ptr + nl, mask=mask_nl, other=0.0).to(tl.float32)
+    return u, dt_raw, dt, Bt, Ct, dl, mask_dl, nl, mask_nl
+
+
+@triton.jit
+def _chunk_states(A, h, u, dt, Bt):
+    """States at every position of the chunk from its start state h (BLOCK_D, BLOCK_N) -> (BLOCK_D, BLOCK_N, BLOCK_L)."""
+    dA = tl.exp(dt[:, None, :] * A[:, :, None])  # (BLOCK_D, BLOCK_N, BLOCK_L)
+    dBu = (dt * u)[:, None, :] * Bt[None, :, :]  # (BLOCK_D, BLOCK_N, BLOCK_L)
+    a_cum, b_cum = tl.associative_scan((dA, dBu), axis=2, combine_fn=_combine)
+    return a_cum * h[:, :, None] + b_cum, dA, dBu
+
+
+@triton.jit
+def _scan_fwd_kernel(
+    u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, h0_ptr,  # inputs
+    out_ptr, last_ptr, h_starts_ptr,  # outputs: (b, d, l) u.dtype, (b, d, n) fp32, (b, nchunks, d, n) fp32
+    Dm, L, N, n_chunks,
+    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_H0: tl.constexpr,
+    SOFTPLUS: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_L: tl.constexpr,
+):
+    pid_b = tl.program_id(0)
+    offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)  # (BLOCK_D,)
+    offs_n = tl.arange(0, BLOCK_N)  # (BLOCK_N,)
+    offs_l = tl.arange(0, BLOCK_L)  # (BLOCK_L,)
+    mask_d = offs_d < Dm
+    mask_dn = mask_d[:, None] & (offs_n[None, :] < N)
+    dn = offs_d[:, None] * N + offs_n[None, :]  # (BLOCK_D, BLOCK_N) offsets in a (d, n) matrix
+
+    A = tl.load(A_ptr + dn, mask=mask_dn, other=0.0)  # (BLOCK_D, BLOCK_N)
+    bias = tl.zeros([BLOCK_D], dtype=tl.float32)
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0)
+    Dv = tl.zeros([BLOCK_D], dtype=tl.float32)
+    if HAS_D:
+        Dv = tl.load(D_ptr + offs_d, mask=mask_d, other=0.0)
+    h = tl.zeros([BLOCK_D, BLOCK_N], dtype=tl.float32)  # h_{-1}
+    if HAS_H0:
+        h = tl.load(h0_ptr + pid_b * Dm * N + dn, mask=mask_dn, other=0.0)
+
+    for c in range(0, n_chunks):
+        # Save the state entering this chunk: all the backward needs to rebuild the chunk.
+        tl.store(h_starts_ptr + (pid_b * n_chunks + c) * Dm * N + dn, h, mask=mask_dn)
+        t = c * BLOCK_L + offs_l  # (BLOCK_L,) positions of this chunk
+        u, dt_raw, dt, Bt, Ct, dl, mask_dl, nl, mask_nl = _load_chunk(
+            u_ptr, delta_ptr, B_ptr, C_ptr, bias, pid_b, offs_d, offs_n, t, Dm, L, N, HAS_BIAS, SOFTPLUS)
+        hs, dA, dBu = _chunk_states(A, h, u, dt, Bt)  # (BLOCK_D, BLOCK_N, BLOCK_L)
+        y = tl.sum(hs * Ct[None, :, :], axis=1)  # y_t = Σ_n h_t C_t: (BLOCK_D, BLOCK_L)
+        h = tl.sum(tl.where(offs_l[None, None, :] == BLOCK_L - 1, hs, 0.0), axis=2)  # last column
+        if HAS_D:
+            y += Dv[:, None] * u
+        if HAS_Z:
+            zt = tl.load(z_ptr + dl, mask=mask_dl, other=0.0).to(tl.float32)
+            y *= zt * tl.sigmoid(zt)  # silu(z)
+        tl.store(out_ptr + dl, y.to(out_ptr.dtype.element_ty), mask=mask_dl)
+
+    tl.store(last_ptr + pid_b * Dm * N + dn, h, mask=mask_dn)
+
+
+def block_sizes(d, n, block_l=None, block_d=None):
+    """(BLOCK_D, BLOCK_N, BLOCK_L) the launchers use: small tiles for small problems (the interpreter)."""
+    return (min(block_d or BLOCK_D_FWD, triton.next_power_of_2(d)), max(2, triton.next_power_of_2(n)),
+            block_l or BLOCK_L)
+
+
+def _prepare(u, delta, A, B, C, D, z, delta_bias, initial_state):
+    """Contiguous kernel operands: u, delta, B, C, z in u's dtype; A, D, bias, h0 fp32."""
+    io = u.dtype if u.dtype in (torch.float32, torch.bfloat16, torch.float16) else torch.float32
+    seq = [None if t is None else t.to(io).contiguous() for t in (u, delta, B, C, z)]
+    par = [None if t is None else t.to(torch.float32).contiguous() for t in (A, D, delta_bias, initial_state)]
+    return seq, par
+
+
+class _ScanTriton(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus, block_l, block_d):
+        (u_, dl_, B_, C_, z_), (A_, D_, bias_, h0_) = _prepare(u, delta, A, B, C, D, z, delta_bias, initial_state)
+        b, d, L = u.shape
+        n = A.shape[1]
+        BD, BN, BL = block_sizes(d, n, block_l, block_d)
+        n_chunks = triton.cdiv(L, BL)
+        out = torch.empty(b, d, L, dtype=u.dtype, device=u.device)
+        last = torch.empty(b, d, n, dtype=torch.float32, device=u.device)
+        h_starts = torch.empty(b, n_chunks, d, n, dtype=torch.float32, device=u.device)
+        _scan_fwd_kernel[(b, triton.cdiv(d, BD))](
+            u_, dl_, A_, B_, C_, D_ if D_ is not None else A_, z_ if z_ is not None else u_,
+            bias_ if bias_ is not None else A_, h0_ if h0_ is not None else A_,
+            out, last, h_starts, d, L, n, n_chunks,
+            HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
+            HAS_H0=initial_state is not None, SOFTPLUS=bool(delta_softplus),
+            BLOCK_D=BD, BLOCK_N=BN, BLOCK_L=BL, num_warps=NUM_WARPS,
+        )
+        ctx.save_for_backward(u_, dl_, A_, B_, C_, D_, z_, bias_, h_starts)
+        ctx.set_materialize_grads(False)  # an unused last state arrives as None: the kernel skips it
+        ctx.delta_softplus, ctx.block_l, ctx.block_d = bool(delta_softplus), BL, block_d
+        ctx.dtypes = [None if t is None else t.dtype for t in (u, delta, A, B, C, D, z, delta_bias, initial_state)]
+        return out, last
+
+    @staticmethod
+    def backward(ctx, g_out, g_last):
+        from .scan_triton_bwd import scan_backward
+
+        if g_out is None:
+            g_out = torch.zeros_like(ctx.saved_tensors[0])
+        grads = scan_backward(*ctx.saved_tensors, g_out, g_last, ctx.delta_softplus, ctx.block_l, ctx.block_d)
+        grads = [None if g is None or dt is None else g.to(dt) for g, dt in zip(grads, ctx.dtypes)]
+        return (*grads, None, None, None)
+
+
+def selective_scan_triton(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
+                          initial_state=None, block_l=None, block_d=None):
+    """reference.selective_scan in Triton (arguments unchecked): -> (out (b, d, l) u.dtype, last (b, d, n) fp32).
+
+    Differentiable in every tensor argument. ``block_l`` / ``block_d`` override the chunk length and
+    the channel block (the tests use tiny ones under TRITON_INTERPRET=1).
+    """
+    return _ScanTriton.apply(u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus, block_l, block_d)
+
+
+def _aot_specs():
+    """What the launcher launches for the model: every optional input present, softplus, n = 16."""
+    specs = []
+    for io in ("fp32", "bf16"):
+        sig = {name: f"*{io}" for name in ("u_ptr", "delta_ptr", "B_ptr", "C_ptr", "z_ptr", "out_ptr")}
+        sig.update({name: "*fp32" for name in ("A_ptr", "D_ptr", "bias_ptr", "h0_ptr", "last_ptr", "h_starts_ptr")})
+        sig.update({"Dm": "i32", "L": "i32", "N": "i32", "n_chunks": "i32"})
+        consts = dict(HAS_D=True, HAS_Z=True, HAS_BIAS=True, SOFTPLUS=True, BLOCK_D=BLOCK_D_FWD, BLOCK_N=16,
+                      BLOCK_L=BLOCK_L)
+        for has_h0 in (False, True):
+            c = {**consts, "HAS_H0": has_h0}
+            signature = {k: sig[k] for k in _scan_fwd_kernel.arg_names if k in sig}
+            signature.update({k: "constexpr" for k in c})
+            specs.append((_scan_fwd_kernel, signature, c))
+    return specs
+
+
+AOT_SPECS = _aot_specs()  # (kernel, signature, constexprs) for fast/aot.py
