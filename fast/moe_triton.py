@@ -31,6 +31,7 @@ class MoEExpertsTriton(torch.autograd.Function):
         act = ACTIVATIONS.index(activation)  # 0 swiglu, 1 geglu, 2 relu
         r = group_by_expert(expert_idx, E)
         x, w1, w2 = x.contiguous(), w1.contiguous(), w2.contiguous()
+        ctx.gates_dtype = gates.dtype
         gates = gates.reshape(T * k).to(x.dtype).contiguous()  # (N,) indexed by slot
         N = T * k
         h = torch.empty(N, w1.shape[1], dtype=x.dtype, device=x.device)  # (N, F1)
@@ -42,7 +43,7 @@ class MoEExpertsTriton(torch.autograd.Function):
             launch_down(a, w2, (w2.stride(0), w2.stride(2), w2.stride(1)), out, gates, r.order, r.sorted_expert,
                         k, has_gate=True)
         ctx.save_for_backward(x, w1, w2, gates, r.order, r.sorted_expert, r.offsets, h, a)
-        ctx.k, ctx.act, ctx.gates_dtype = k, act, gates.dtype
+        ctx.k, ctx.act = k, act
         return out.to(x.dtype)
 
     @staticmethod
