@@ -14,6 +14,8 @@ and one thread, so runs are deterministic. What is compared:
 - a kill -9 between writing a checkpoint's temporary files and renaming them leaves the previous
   checkpoint loadable, and the run resumes from it;
 - each kind of bad input exits non-zero with one clear line on stderr and no traceback.
+
+Settings parsing, the schedule and the data cache are tested in process (no subprocess).
 """
 
 import json
@@ -23,6 +25,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -223,3 +226,62 @@ def test_help_lists_every_setting(capsys):
     text = capsys.readouterr().out
     for key in list(train.SETTINGS) + list(train.MODEL_FIELDS):
         assert f"--{key}=" in text
+
+
+# --- data, in process ----------------------------------------------------------------------------
+def test_local_text_folder_is_tokenized_once(tmp_path):
+    from minimamba_moe.data import prepare_data
+    from minimamba_moe.tokenizer import load_tokenizer
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    docs = [f"document {i}: " + "lorem ipsum " * 50 for i in range(10)]
+    for i, d in enumerate(docs):
+        (corpus / f"{i:02d}.txt").write_text(d)
+    said = []
+    folder = prepare_data(load_tokenizer("bytes"), "bytes", data=str(corpus), cache_dir=str(tmp_path / "c"),
+                          val_every=5, log=said.append)
+    meta = json.loads((folder / "meta.json").read_text())
+    sizes = [len(d.encode()) for d in docs]
+    assert meta["dtype"] == "uint16" and meta["tokens"] == {"train": sum(sizes) - sizes[4] - sizes[9], "val": sizes[4] + sizes[9]}
+    assert (folder / "train.bin").stat().st_size == 2 * meta["tokens"]["train"]
+    assert not [p for p in folder.parent.iterdir() if p.name.startswith(".")]  # no temporary folder left
+    said.clear()
+    assert prepare_data(load_tokenizer("bytes"), "bytes", data=str(corpus), cache_dir=str(tmp_path / "c"),
+                        val_every=5, log=said.append) == folder and said == []  # second run: straight from the cache
+    (corpus / "00.txt").write_text("changed")  # a changed corpus gets a new cache
+    assert prepare_data(load_tokenizer("bytes"), "bytes", data=str(corpus), cache_dir=str(tmp_path / "c"),
+                        val_every=5, log=said.append) != folder
+
+
+def test_local_dataset_file_with_gpt2_ranks(tmp_path):
+    from minimamba_moe.data import DataError, prepare_data
+    from minimamba_moe.tokenizer import load_tokenizer
+
+    ranks = Path("/work/shared/data/gpt2.tiktoken")
+    if not ranks.is_file():
+        pytest.skip("no offline GPT-2 ranks file")
+    tok = load_tokenizer(str(ranks))
+    f = tmp_path / "d.jsonl"
+    f.write_text("".join(json.dumps({"text": f"hello world number {i}"}) + "\n" for i in range(20)))
+    folder = prepare_data(tok, str(ranks), dataset=str(f), cache_dir=str(tmp_path / "c"), val_every=10, log=lambda *a: None)
+    train_ids = np.fromfile(folder / "train.bin", dtype=np.uint16)
+    first = tok.encode("hello world number 0") + [tok.eot_token]
+    assert train_ids[: len(first)].tolist() == first  # documents end with <|endoftext|>
+    with pytest.raises(DataError, match="has no field 'content'"):
+        prepare_data(tok, str(ranks), dataset=str(f), text_field="content", cache_dir=str(tmp_path / "c"), log=lambda *a: None)
+
+
+def test_batches_split_one_global_batch_over_micro_batches_and_ranks(tmp_path):
+    from minimamba_moe.data import Batches, prepare_data
+    from minimamba_moe.tokenizer import load_tokenizer
+
+    corpus = tmp_path / "t.txt"
+    corpus.write_text("".join(chr(97 + i % 26) for i in range(5000)))
+    folder = prepare_data(load_tokenizer("bytes"), "bytes", data=str(corpus), cache_dir=str(tmp_path / "c"), log=lambda *a: None)
+    b = Batches(folder, "train", seq_len=16, seed=3)
+    x_all, y_all = b.get(step=7, batch_size=8)
+    assert torch.equal(x_all[:, 1:], y_all[:, :-1])  # y is x shifted by one
+    parts = [b.get(7, 2, micro, 2, rank, 2)[0] for micro in range(2) for rank in range(2)]
+    assert torch.equal(torch.cat(parts), x_all)
+    assert not torch.equal(b.get(8, 8)[0], x_all)  # another step, other windows
