@@ -3,7 +3,8 @@
     python benchmarks/bench_moe.py [--repeats 5] [--threads 2] [--dtype float32]
 
 Times forward, and forward + backward (gradients of x, gates, w1, w2), at the shapes of issue 4,
-and prints medians and the reference / fast ratio. Random top-k routing (distinct experts per
+and prints medians and the reference / fast ratio. Reference and fast calls alternate, so a
+busy shared machine slows both alike. Random top-k routing (distinct experts per
 token), SwiGLU experts. Both ops get identical inputs; one warm-up call each is not timed.
 """
 
@@ -41,22 +42,27 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def time_op(op, inputs, backward, repeats, device):
-    x, expert_idx, gates, w1, w2 = [t.clone() for t in inputs]
-    leaves = [x, gates, w1, w2]
-    for t in leaves:
-        t.requires_grad_(backward)
-    times = []
+def call(op, inputs, backward):
+    """One timed call of op on fresh leaves (forward, and backward when asked)."""
+    x, expert_idx, gates, w1, w2 = inputs
+    leaves = [t.detach().requires_grad_(backward) for t in (x, gates, w1, w2)]
+    start = time.perf_counter()
+    out = op(leaves[0], expert_idx, leaves[1], leaves[2], leaves[3], "swiglu")
+    if backward:
+        torch.autograd.grad(out, leaves, torch.ones_like(out))
+    sync(str(out.device))
+    return time.perf_counter() - start
+
+
+def time_pair(inputs, backward, repeats):
+    """Medians for reference and fast, calls interleaved so that both see the same machine load."""
+    times = {"reference": [], "fast": []}
     for i in range(repeats + 1):
-        sync(device)
-        start = time.perf_counter()
-        out = op(x, expert_idx, gates, w1, w2, "swiglu")
-        if backward:
-            torch.autograd.grad(out, leaves, torch.ones_like(out))
-        sync(device)
-        if i:  # the first call warms up
-            times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        for name, op in (("reference", reference.moe_experts), ("fast", fast.moe_experts)):
+            t = call(op, inputs, backward)
+            if i:  # the first round warms up
+                times[name].append(t)
+    return statistics.median(times["reference"]), statistics.median(times["fast"])
 
 
 def main():
@@ -74,8 +80,7 @@ def main():
     for T, d, f, E, k in SHAPES:
         inputs = make_inputs(T, d, f, E, k, dtype, args.device)
         for backward in (False, True):
-            t_ref = time_op(reference.moe_experts, inputs, backward, args.repeats, args.device)
-            t_fast = time_op(fast.moe_experts, inputs, backward, args.repeats, args.device)
+            t_ref, t_fast = time_pair(inputs, backward, args.repeats)
             name = "fwd+bwd" if backward else "fwd"
             print(f"| {T} | {d} | {f} | {E} | {k} | {name} | {1e3 * t_ref:.1f} | {1e3 * t_fast:.1f} "
                   f"| {t_ref / t_fast:.2f}x |", flush=True)
