@@ -15,6 +15,8 @@ How the data flows:
     1. _expert_up_kernel, grid (row blocks, f blocks): rows' tokens are gathered straight from x
        inside the K loop; the gate and up columns of one hidden block are two accumulators of the
        same program, so the activation is fused into the epilogue and h, a are written once.
+       (Each accumulator's K loop loads its x tile itself: the second load hits L1/L2. One dot over
+       a [gate | up] weight tile would load it once, at the cost of splitting the tile in registers.)
     2. _expert_down_kernel, grid (row blocks, output blocks): a @ w2[e].T, then the epilogue
        multiplies each row by its slot's gate and atomically adds it into out[token] (scatter-add;
        with k > 1 the k slots of a token meet there). The backward reuses it for dx (no gate).
