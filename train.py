@@ -278,13 +278,17 @@ def main(argv):
     tok = load_tokenizer(cfg["tokenizer"])
     if cfg["resume"]:
         mconfig, _ = read_config(out_dir)
-        clash = {k: v for k, v in model_overrides.items() if k != "backend" and getattr(mconfig, k) != v}
+        saved = {"preset": mconfig.name, **mconfig.to_dict()}
+        clash = [(k, v) for k, v in {"preset": cfg["preset"], **model_overrides}.items()
+                 if k != "backend" and saved[k] != (list(v) if isinstance(v, tuple) else v)]
         if clash:
-            k, v = next(iter(clash.items()))
-            raise CheckpointError(f"--{k}={v} does not match the checkpoint in {out_dir} ({k}={getattr(mconfig, k)!r}): "
+            (k, v), = clash[:1]
+            raise CheckpointError(f"--{k}={v} does not match the checkpoint in {out_dir} ({k}={saved[k]!r}): "
                                   "a run resumes with its own model; drop the setting or use a fresh --out_dir")
         mconfig.backend = model_overrides.get("backend", mconfig.backend)
     else:
+        if master and (out_dir / WEIGHTS).exists():
+            log(f"note: {out_dir} holds a checkpoint; this new run overwrites it (--resume continues it instead)")
         if tok.vocab_size > PRESETS[cfg["preset"]]["vocab_size"] and "vocab_size" not in model_overrides:
             model_overrides["vocab_size"] = tok.vocab_size  # e.g. --tokenizer=gpt2 on the tiny preset
         mconfig = ModelConfig.from_preset(cfg["preset"], **model_overrides)
@@ -329,7 +333,8 @@ def main(argv):
         if device_type == "cuda" and "rng_cuda" in state:
             torch.cuda.set_rng_state(state["rng_cuda"])
         start_step = state["step"]
-        log(f"resuming {out_dir} at step {start_step}")
+        log(f"resuming {out_dir} at step {start_step}" if start_step < cfg["max_steps"] else
+            f"the run in {out_dir} is at step {start_step} = max_steps: raise --max_steps to train further")
 
     # --- data: tokenized once into data_cache (by rank 0), then random windows per step ---------------
     def prepare():
@@ -406,6 +411,8 @@ def main(argv):
         for group in optimizer.param_groups:
             group["lr"] = lr_now
         loss_sum, aux_sum, counts, dropped = 0.0, 0.0, 0, 0
+        # Sinkhorn routing balances each process's micro-batch (as BlackMamba does per device), so with
+        # the sinkhorn router, splitting a batch over micro-batches or processes changes the routing a little.
         for micro in range(k):
             last = micro == k - 1  # gradients are averaged over processes only after the last micro-batch
             if cfg["fsdp"] and distributed:

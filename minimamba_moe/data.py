@@ -184,6 +184,8 @@ def prepare_data(tokenizer, tokenizer_spec: str, data: str = "", dataset: str = 
     eot = [] if tokenizer.eot_token is None else [tokenizer.eot_token]
     counts = {"train": 0, "val": 0}
     log(f"tokenizing {desc['source'].get('dataset') or desc['source']['data']} with {tokenizer_spec} into {final} ...")
+    if dataset and not Path(dataset).exists() and not max_tokens:
+        log("  (streaming the whole dataset; --max_data_tokens=N stops after N tokens)")
     try:
         with open(tmp / "train.bin", "wb") as ftrain, open(tmp / "val.bin", "wb") as fval:
             for i, text in enumerate(texts):

@@ -169,6 +169,8 @@ def bad_inputs(tmp, trained):
     meta = json.loads((edited / "config.json").read_text())
     meta["model"]["d_model"] = 64
     (edited / "config.json").write_text(json.dumps(meta))
+    read_only = tmp / "read_only"
+    read_only.mkdir(mode=0o500)
     return [  # (arguments, extra environment, what stderr must say, exit code)
         (["--lrr=1"], {}, "unknown setting --lrr; did you mean --lr?", 2),
         (["--max_steps=2.5"], {}, "--max_steps=2.5: expected an integer", 2),
@@ -181,7 +183,9 @@ def bad_inputs(tmp, trained):
         (["--resume", f"--out_dir={tmp / 'nothing'}"], {}, "Cannot resume", 1),
         (["--resume", f"--out_dir={trained}", "--d_model=64"], {}, "does not match the checkpoint", 1),
         (["--resume", f"--out_dir={edited}"], {}, "do not match the config", 1),
-    ]
+        (["--resume", f"--out_dir={trained}", "--preset=mamba-25m"], {}, "--preset=mamba-25m does not match", 1),
+    ] + ([(["--out_dir=" + str(read_only / "out")], {}, "cannot write to --out_dir", 2)]
+         if os.geteuid() != 0 else [])  # root writes anywhere: the not-a-folder case above stands in
 
 
 def test_bad_inputs_get_one_clear_line(tmp_path, cache, trained):
