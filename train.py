@@ -398,13 +398,14 @@ def main(argv):
     # --- the loop ----------------------------------------------------------------------------------
     model.train()
     ckpt_every = cfg["ckpt_interval"] or cfg["eval_interval"]
-    bar = tqdm(total=cfg["max_steps"], initial=start_step, disable=not (master and cfg["progress"]),
-               dynamic_ncols=True, file=sys.stdout)
-    val, t_start = None, time.perf_counter()
-    if start_step == 0:  # the loss before training: ln(vocab_size) or so
+    val = None
+    if start_step == 0:  # the loss before training: about ln(vocab_size)
         val = evaluate()
         record(step=0, val_loss=val)
         log(f"step 0: val loss {val:.4f}")
+    bar = tqdm(total=cfg["max_steps"], initial=start_step, disable=not (master and cfg["progress"]),
+               dynamic_ncols=True, file=sys.stdout)
+    t_start = time.perf_counter()
     for step in range(start_step, cfg["max_steps"]):
         t0 = time.perf_counter()
         lr_now = lr_at(step, cfg)
