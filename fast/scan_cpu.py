@@ -8,11 +8,12 @@ Same math as ``reference/selective_scan.py`` (SPEC §1), read that file first. W
   contiguous (b, d, n) tile.
 * The recurrence inside a chunk is one in-place ``addcmul_`` per position on those tiles
   (h_t = dA_t * h_{t-1} + dBu_t, with the dBu buffer turned into the h buffer as it goes).
-  Everything else (exp, products, the contraction with C, the reductions of the backward) is done
-  for a whole chunk at once. We tried the "cumulative log-decay" formulation instead (h_t from
-  exp(S_t - S_s) over a chunk); it needs a (T, T) matrix per (b, d, n) and was slower at n = 16,
-  and dividing by exp(S_t) overflows on long sequences. The per-step loop has no such risk: it is
-  the recurrence itself.
+  Everything else (exp, products, the contractions, the reductions of the backward) is done for a
+  whole chunk at once. Not chosen (considered, not measured): the "cumulative log-decay" form
+  (h_t from exp(S_t - S_s) over a chunk) needs a (T, T) matrix per (b, d, n), T times the work of
+  the recurrence at n = 16; and its cheap variant, dividing by exp(S_t), overflows on long
+  sequences. The per-step loop has no such risk: it is the recurrence itself, and its Python
+  overhead (one in-place op per position, a few microseconds) is small next to the chunk-wide work.
 * Only the state at the start of every chunk is kept for the backward, (nchunks, b, d, n). The
   backward walks the chunks in reverse, recomputes the chunk's states from its start state, and
   runs the reverse-time recurrence for the state gradient:
@@ -41,12 +42,13 @@ CHUNK = 64  # positions per chunk: big enough to amortise the chunk-wide ops, sm
 
 def _prepare(u, delta, delta_bias, delta_softplus, f):
     """Time-major fp copies of u and of the processed step size; returns (u_t, delta_t, pre)."""
-    u_t = u.to(f).permute(2, 0, 1).contiguous()  # (l, b, d)
-    pre = delta.to(f).permute(2, 0, 1)  # (l, b, d)
+    l, b, d = u.shape[2], u.shape[0], u.shape[1]
+    u_t = u.new_empty(l, b, d, dtype=f).copy_(u.permute(2, 0, 1))  # (l, b, d), a fresh copy
+    pre = delta.new_empty(l, b, d, dtype=f).copy_(delta.permute(2, 0, 1))  # (l, b, d), a fresh copy
     if delta_bias is not None:
-        pre = pre + delta_bias.to(f)
+        pre.add_(delta_bias.to(f))
     d_t = F.softplus(pre) if delta_softplus else pre
-    return u_t, d_t.contiguous(), pre
+    return u_t, d_t, pre
 
 
 def _chunk_states(dA, H, h0):
@@ -60,8 +62,8 @@ def _chunk_states(dA, H, h0):
 def _discretize(d_c, u_c, B_c, A, dA, dBu):
     """Fill dA = exp(Δ A) and dBu = Δ u B (T, b, d, n) for one chunk of Δ, u (T, b, d) and B (T, b, n).
 
-    Written into preallocated buffers: fresh multi-megabyte tensors per chunk cost page faults
-    that showed up as a third of the run time.
+    Written into buffers allocated once per call: fresh multi-megabyte tensors for every chunk
+    cost an allocation and fresh page faults each time.
     """
     torch.mul(d_c[..., None], A, out=dA).exp_()
     torch.mul((d_c * u_c)[..., None], B_c[:, :, None, :], out=dBu)
@@ -86,7 +88,8 @@ class _ScanCPU(torch.autograd.Function):
     def forward(ctx, u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus, f):
         b, d, L = u.shape
         n = A.shape[1]
-        u_t, d_t, _ = _prepare(u, delta, delta_bias, delta_softplus, f)
+        u_t, d_t, pre = _prepare(u, delta, delta_bias, delta_softplus, f)
+        del pre  # only the backward needs Δ before the softplus
         B_t = B.to(f).permute(2, 0, 1).contiguous()  # (l, b, n)
         C_t = C.to(f).permute(2, 0, 1).contiguous()  # (l, b, n)
         Af = A.to(f)  # (d, n)
@@ -104,11 +107,11 @@ class _ScanCPU(torch.autograd.Function):
             _chunk_states(dA, H, h)
             y[t0:t1] = _contract_n(H, C_t[t0:t1])  # y_t = Σ_n h_t C_t
             h = H[-1].clone()
-        out = y
+        out = y  # (l, b, d), finished in place: out = (y + D u) * silu(z)
         if D is not None:
-            out = out + D.to(f) * u_t
+            out.addcmul_(u_t, D.to(f))
         if z is not None:
-            out = out * F.silu(z.to(f).permute(2, 0, 1))
+            out.mul_(F.silu(z.to(f).permute(2, 0, 1)))
         ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, h_starts)
         ctx.delta_softplus, ctx.f = delta_softplus, f
         ctx.h0_dtype = None if initial_state is None else initial_state.dtype
@@ -130,8 +133,8 @@ class _ScanCPU(torch.autograd.Function):
         # The output side, for the whole sequence: out = (y + D u) * silu(z).
         if z is not None:
             z_t = z.to(f).permute(2, 0, 1)
-            gate = F.silu(z_t)
-            gy = g_out * gate  # (l, b, d)
+            sig = torch.sigmoid(z_t)
+            gy = g_out * z_t * sig  # (l, b, d); silu(z) = z σ(z)
         else:
             gy = g_out.contiguous()
         y = u_t.new_empty(L, b, d)  # recomputed below, needed for dz
@@ -177,7 +180,7 @@ class _ScanCPU(torch.autograd.Function):
         g_init = carry
 
         # Back through bias and softplus to the raw delta.
-        g_pre = g_delta * torch.sigmoid(pre) if ctx.delta_softplus else g_delta  # (l, b, d)
+        g_pre = g_delta.mul_(pre.sigmoid_()) if ctx.delta_softplus else g_delta  # (l, b, d), in place
 
         def back(t, like):  # (l, b, x) time-major -> like's (b, x, l) layout and dtype
             return t.permute(1, 2, 0).to(like.dtype).contiguous()
@@ -189,9 +192,9 @@ class _ScanCPU(torch.autograd.Function):
         if D is not None and ctx.needs_input_grad[5]:
             g_D = (gy * u_t).sum((0, 1)).to(D.dtype)
         if z is not None and ctx.needs_input_grad[6]:
-            pre_gate = y + D.to(f) * u_t if D is not None else y
-            sig = torch.sigmoid(z_t)
-            g_z = back(g_out * pre_gate * sig * (1 + z_t * (1 - sig)), z)  # silu'(z) = σ(z)(1 + z(1 - σ(z)))
+            pre_gate = y.addcmul_(u_t, D.to(f)) if D is not None else y  # y + D u, in place
+            dsilu = torch.sub(1, sig).mul_(z_t).add_(1).mul_(sig)  # silu'(z) = σ(z)(1 + z(1 - σ(z)))
+            g_z = back(pre_gate.mul_(g_out).mul_(dsilu), z)
         if delta_bias is not None and ctx.needs_input_grad[7]:
             g_bias = g_pre.sum((0, 1)).to(delta_bias.dtype)
         if ctx.needs_input_grad[8]:

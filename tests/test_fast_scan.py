@@ -264,3 +264,14 @@ def test_conv_errors_match_reference():
         assert str(e_fast.value) == str(e_ref.value)
     with pytest.raises(ValueError):
         causal_conv1d(x, w, activation="relu")
+
+
+@pytest.mark.parametrize("softplus", [True, False])
+def test_inputs_are_left_unchanged(softplus):
+    """The CPU path works in place on its own buffers: the caller's tensors must not change."""
+    flags_on = {**{k: True for k in OPTIONAL}, "delta_softplus": softplus}
+    kw = cast(make_inputs(4, 2, 3, 4, 9, flags_on), torch.float32)
+    before = {k: v.clone() for k, v in kw.items() if isinstance(v, torch.Tensor)}
+    run_with_grads(selective_scan, kw, 4)
+    for k, v in before.items():
+        assert torch.equal(kw[k], v), f"{k} was modified"
