@@ -149,3 +149,13 @@ def test_bad_arguments_raise_like_the_reference():
         with pytest.raises(ValueError) as got:
             fast.moe_experts(*bad)
         assert str(got.value) == str(want.value)
+
+
+def test_routing_never_reads_device_values_on_the_host():
+    """On the 'meta' device tensors have shapes but no values: .item(), .tolist(), boolean-mask
+    indexing and bincount all raise there, so running the bookkeeping on meta proves it has no
+    host sync (what a GPU would pay once per layer), with every output's shape data-independent."""
+    r = group_by_expert(torch.empty(7, 3, dtype=torch.int64, device="meta"), 5)
+    assert [tuple(t.shape) for t in r] == [(21,), (21,), (21,), (5,), (6,)]
+    with pytest.raises((RuntimeError, NotImplementedError)):
+        torch.empty(3, device="meta").sum().item()  # the check itself has teeth
