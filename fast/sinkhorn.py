@@ -5,6 +5,7 @@ Same signature and docstring as ``reference.sinkhorn.sinkhorn`` (diff them). Whe
     CUDA tensors -> sinkhorn_triton.py  every pass and the stopping rule inside one kernel launch:
                                         no launch per pass, no host sync per pass
     CPU tensors  -> sinkhorn_cpu below  the reference's passes with one matrix-vector product less
+    (and float64, E > 64)               (on a GPU this one reads the error back once per pass)
 
 Glossary (code name = meaning, shape): as in reference/sinkhorn.py —
 
@@ -51,7 +52,7 @@ def sinkhorn(logits, init="blackmamba", stopping="absolute", tol=1e-4, max_iters
         raise ValueError(f"stopping must be one of {STOPPING_RULES}, got {stopping!r}")
     if not isinstance(max_iters, int) or max_iters < 1:
         raise ValueError(f"max_iters must be an integer >= 1, got {max_iters!r}")
-    if logits.is_cuda and logits.dtype != torch.float64:
+    if logits.is_cuda and logits.dtype != torch.float64 and logits.shape[1] <= 64:
         from .sinkhorn_triton import sinkhorn_triton
 
         return sinkhorn_triton(logits, init, stopping, tol, max_iters, eps, logit_scale)
