@@ -108,6 +108,9 @@ class UsageError(ValueError):
     """A setting is unknown or has a value of the wrong type."""
 
 
+ERRORS = (UsageError, ConfigError, DataError, TokenizerError, CheckpointError)  # reported in one line
+
+
 # --- settings: defaults < preset < saved run (--resume) < config file < command line --------------
 def parse_value(key, value, default, annotation=None, typed=False):
     """Convert a command-line string, or check a config file's typed value (typed=True), against the default's type."""
@@ -264,8 +267,26 @@ def main(argv):
     autocast = torch.autocast(device_type, dtype=torch.bfloat16) if use_bf16 else nullcontext()
     log = print if master else (lambda *a, **k: None)
 
+    def on_rank0(fn):
+        """fn() on rank 0 only; if it fails, every process raises its error (so none waits for it forever)."""
+        result, error = None, None
+        if master:
+            try:
+                result = fn()
+            except ERRORS as e:
+                error = e
+        if distributed:
+            box = [None if error is None else (type(error).__name__, str(error))]
+            dist.broadcast_object_list(box, src=0)  # a class name and a message, from our own rank 0
+            if box[0] is not None:
+                raise {c.__name__: c for c in ERRORS}[box[0][0]](box[0][1])
+        elif error is not None:
+            raise error
+        return result
+
     out_dir = Path(cfg["out_dir"])
-    if master:
+
+    def check_out_dir():
         try:
             out_dir.mkdir(parents=True, exist_ok=True)
             (out_dir / ".write_test").write_text("")
@@ -273,6 +294,7 @@ def main(argv):
         except OSError as e:
             raise UsageError(f"cannot write to --out_dir={out_dir} ({e.strerror}): choose a folder you can write to")
         remove_stale_tmp(out_dir)
+    on_rank0(check_out_dir)
 
     # --- the model: the preset with overrides, or on --resume the checkpoint's own config ---------------
     tok = load_tokenizer(cfg["tokenizer"])
@@ -341,9 +363,8 @@ def main(argv):
         return prepare_data(tok, tok_spec, cfg["data"], cfg["dataset"], cfg["dataset_config"], cfg["text_field"],
                             cfg["data_cache"], cfg["val_every"], cfg["max_data_tokens"], log=log)
     tok_spec = cfg["tokenizer"] if cfg["tokenizer"] in ("bytes", "gpt2") else os.path.abspath(cfg["tokenizer"])
-    folder = prepare() if master else None
+    folder = on_rank0(prepare)
     if distributed:
-        dist.barrier()
         folder = prepare()  # finds rank 0's cache
     train_data = Batches(folder, "train", cfg["seq_len"], cfg["seed"])
     val_data = Batches(folder, "val", cfg["seq_len"], cfg["seed"])
@@ -467,13 +488,9 @@ def main(argv):
 if __name__ == "__main__":
     try:
         main(sys.argv[1:])
-    except UsageError as e:
+    except ERRORS as e:  # bad input: one line, no traceback (from rank 0 only under torchrun)
         if int(os.environ.get("RANK", "0")) == 0:
             print(f"train.py: error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except (ConfigError, DataError, TokenizerError, CheckpointError) as e:
-        if int(os.environ.get("RANK", "0")) == 0:
-            print(f"train.py: error: {e}", file=sys.stderr)
-        sys.exit(1)
+        sys.exit(2 if isinstance(e, UsageError) else 1)
     except KeyboardInterrupt:
         sys.exit(130)
