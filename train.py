@@ -40,6 +40,7 @@ from minimamba_moe.tokenizer import TokenizerError, load_tokenizer
 # Settings. Each can be set with --key=value (or --key value; a bare --flag sets a bool to true), or in a
 # config file (TOML or JSON) given as a positional argument. Every ModelConfig field (--d_model, --n_experts,
 # --router, --backend, ...) can be set the same way; its default comes from --preset.
+_NOT_SETTINGS = set(globals())  # every name from here to SETTINGS below is a setting
 # output
 out_dir = DEFAULT_OUT_DIR  # checkpoint and metrics.jsonl; sample.py reads the same folder by default
 resume = False  # continue the run saved in out_dir (its settings, then yours on top)
@@ -64,8 +65,8 @@ min_lr_ratio = 0.1  # the cosine decays to lr * min_lr_ratio
 warmup_frac = 0.01  # fraction of decay_steps spent warming up linearly from 0
 decay_steps = 0  # length of the warmup + cosine schedule (0 = max_steps); the lr stays at its floor after
 weight_decay = 0.1  # AdamW, on matrices only: not on norms, biases, A_log, D, dt bias
-beta1 = 0.9
-beta2 = 0.999
+beta1 = 0.9  # AdamW betas (MoE-Mamba: 0.9, 0.999)
+beta2 = 0.999  # (a short run may prefer 0.99)
 grad_clip = 0.5  # clip the global gradient norm to this (0 = off)
 # evaluation, checkpoints
 eval_interval = 25  # validation loss every this many steps (and at the start and the end)
@@ -80,8 +81,7 @@ seed = 1337  # model init and data order
 threads = 1  # CPU threads for torch (0 = its default); small models train fastest on 1, above all on a busy machine
 progress = True  # show the tqdm progress bar
 # ------------------------------------------------------------------------------------------------
-SETTINGS = {k: v for k, v in dict(globals()).items() if not k.startswith("_") and isinstance(v, (bool, int, float, str))
-            and k not in ("DEFAULT_OUT_DIR", "DEFAULT_CACHE_DIR", "WEIGHTS")}
+SETTINGS = {k: v for k, v in dict(globals()).items() if k not in _NOT_SETTINGS and not k.startswith("_")}
 
 # Training defaults per preset (SPEC §3, MoE-Mamba's recipe: GPT-2 tokens, context 1024, AdamW(0.9, 0.999),
 # weight decay 0.1, clip 0.5, 1% warmup, cosine to 0.1; global batch 64 at 25M, 1024 at 100M: with N GPUs
@@ -91,7 +91,7 @@ PRESET_TRAINING = {
     "tiny": {},
     "moe-mamba-25m": dict(_LARGE, lr=5e-4, batch_size=64, max_steps=150_000),
     "mamba-25m": dict(_LARGE, lr=1e-3, batch_size=64, max_steps=150_000),
-    "transformer-25m": dict(_LARGE, lr=5e-4, batch_size=64, max_steps=150_000),
+    "transformer-25m": dict(_LARGE, lr=5e-4, batch_size=64, max_steps=150_000),  # not in SPEC: as its MoE twin
     "transformer-moe-25m": dict(_LARGE, lr=5e-4, batch_size=64, max_steps=150_000),
     "moe-mamba-100m": dict(_LARGE, lr=5e-4, batch_size=16, grad_accum=64, max_steps=30_000),
     "mamba-100m": dict(_LARGE, lr=1e-3, batch_size=16, grad_accum=64, max_steps=30_000),
