@@ -215,20 +215,23 @@ def configure(argv):
     return settings, model_overrides
 
 
-def print_help():
+def print_help(argv):
+    """Every setting with its default; `--help --preset=NAME` shows that preset's defaults."""
+    preset = next((a.split("=", 1)[1] for a in argv if a.startswith("--preset=")), "tiny")
+    config = ModelConfig.from_preset(preset)  # an unknown name: ConfigError with the close matches
+    defaults = {**SETTINGS, **PRESET_TRAINING.get(preset, {})}
     print(__doc__)
     source = Path(__file__).read_text().split("# ----------")[1]  # the settings block at the top
     print("Settings (default, then what it does):")
     for line in source.splitlines()[4:]:
         m = re.match(r"^(\w+) = (.+?)(?:\s+# (.*))?$", line)
         if m and m.group(1) in SETTINGS:
-            print(f"  {'--' + m.group(1) + '=' + str(SETTINGS[m.group(1)]):<26} {m.group(3) or ''}")
+            print(f"  {'--' + m.group(1) + '=' + str(defaults[m.group(1)]):<26} {m.group(3) or ''}")
         elif line.startswith("# "):
             print(f" {line[2:]}:")
-    print("Model (any ModelConfig field; defaults of --preset=tiny; see minimamba_moe/config.py):")
-    tiny = ModelConfig.from_preset("tiny")
+    print(f"Model (any ModelConfig field; defaults of --preset={preset}; see minimamba_moe/config.py):")
     for key, kind in MODEL_FIELDS.items():
-        value = getattr(tiny, key)
+        value = getattr(config, key)
         value = ",".join(value) if isinstance(value, tuple) else value
         print(f"  {'--' + key + '=' + str(value):<34} ({kind})")
 
@@ -247,7 +250,7 @@ def lr_at(step, cfg):
 
 def main(argv):
     if "--help" in argv or "-h" in argv:
-        return print_help()
+        return print_help(argv)
     cfg, model_overrides = configure(argv)
 
     # --- processes and devices: one process, or one per device under torchrun ----------------------

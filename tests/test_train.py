@@ -230,6 +230,10 @@ def test_help_lists_every_setting(capsys):
     text = capsys.readouterr().out
     for key in list(train.SETTINGS) + list(train.MODEL_FIELDS):
         assert f"--{key}=" in text
+    assert "--lr=0.003 " in text and "--d_model=128 " in text
+    train.main(["--help", "--preset=moe-mamba-25m"])  # that preset's defaults
+    text = capsys.readouterr().out
+    assert "--lr=0.0005 " in text and "--d_model=512 " in text and "--n_experts=42 " in text
 
 
 # --- data, in process ----------------------------------------------------------------------------
