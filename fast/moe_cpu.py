@@ -13,21 +13,27 @@ Glossary (code name = meaning, shape; see routing.py for order / token / offsets
 Data flow, forward:  gather xs -> grouped matmul (w1) -> act -> grouped matmul (w2) -> * g -> index_add.
 Backward, the same steps reversed (dout = gradient of out, (T, d)):
     dy   = dout[token]                         (n, d)
-    da_r = dy @ w2[e]     (grouped)            (n, f)    "raw": before the gate
-    dg   = Σ_j da_r * a                        (n,)      = <dy, y>, since y = a @ w2[e].T
-    da   = g * da_r;  dh = act'(h) · da        (n, F1)
+    da   = dy @ w2[e]     (grouped)            (n, f)    before the gate
+    dg   = Σ_j da * a                          (n,)      = <dy, y>, since y = a @ w2[e].T
+    da  *= g;  dh = act'(h) · da               (n, F1)
     dw2[e] = (g * dy)_eᵀ @ a_e                 (E, d, f)  grouped "transposed" matmul
     dw1[e] = dh_eᵀ @ xs_e                      (E, F1, d)
     dx   = index_add over token of dh @ w1[e]  (T, d)
-dg from da_r avoids keeping y for the backward. Nothing loops over tokens; the only Python loop is
+dg from da avoids keeping y for the backward. Nothing loops over tokens; the only Python loop is
 over experts, in the fallback when ``torch.nn.functional.grouped_mm`` cannot take the tensors
 (float64, or rows not 16-byte aligned) — on CPU tensors reading offsets to the host costs nothing.
+Tensors the backward owns (dy, da) are scaled in place: a fresh tensor of more than 32 MiB is a
+new mmap for glibc's malloc, and its first touch (a page fault per 4 KiB) can cost more than the
+arithmetic on it.
 
-Where the time goes (benchmarks/bench_moe.py): both this path and the reference run the same nine
-units of matmul work (forward h, y; backward da, dx, dw1, dw2), so at E = 8 with ~500 rows per
-expert both are matmul-bound and this path is ~1x-1.3x the reference. The gain is the reference's
-autograd overhead, which grows with E: every ``w1[e]`` / ``w2[e]`` it indexes gets a full
-(E, F1, d) / (E, d, f) zero gradient in the backward, E times over — ~6x at E = 64 here.
+Where the time goes (benchmarks/bench_moe.py): both this path and the reference do the same matmul
+work (forward h, y: 2 n d (F1 + f) FLOP; backward da, dw2, dw1, dx: twice that). At E = 8, T = 4096,
+d = 512, f = 1024, k = 1 that is 38.6 GFLOP; at the 266 GFLOP/s a 4096³ fp32 matmul reaches on this
+2-core machine, at least 145 ms, against ~300 ms for the reference: the reference is already
+mostly matmuls, so no fp32 CPU path can be more than ~2x faster than it at E = 8 (measured: 1.3x
+at k = 2 to 1.7x at k = 1). The gain is the reference's autograd overhead, which grows with E:
+every ``w1[e]`` / ``w2[e]`` it indexes gets a full (E, F1, d) / (E, d, f) zero gradient in the
+backward, E times over — 6x-8x at E = 64 here.
 """
 
 import torch
@@ -82,37 +88,44 @@ def grouped_mm_t(a, b, offsets):
 
 
 def act_forward(h, activation):
-    """h (n, F1) -> a (n, f)."""
+    """h (n, F1) -> a (n, f), one new (n, f) tensor: fn(gate) is written, then multiplied by up in place."""
     if activation == "relu":
         return F.relu(h)
     f = h.shape[1] // 2
     gate, up = h[:, :f], h[:, f:]
-    return (F.silu(gate) if activation == "swiglu" else F.gelu(gate)) * up
+    return (F.silu(gate) if activation == "swiglu" else F.gelu(gate)).mul_(up)
 
 
 def act_backward(h, da, activation):
     """h (n, F1), da = dL/da (n, f) -> dh (n, F1), the derivative of act_forward by hand:
 
-        relu:   dh = da * [h > 0]
+        relu:   dh = da * [h > 0]                              (written into da: the caller's scratch)
         gated:  a = fn(gate) * up  ->  d gate = da * up * fn'(gate),  d up = da * fn(gate)
                 silu' = s (1 + gate (1 - s)), s = sigmoid(gate);  gelu' = Φ(gate) + gate φ(gate)
 
     fn'(gate) times its incoming gradient is PyTorch's own fused elementwise kernel
-    (aten.silu_backward / aten.gelu_backward: the same formulas, one pass over memory, no temporaries).
+    (aten.silu_backward / aten.gelu_backward: the same formulas, one pass over memory). The gated
+    case allocates dh only and uses its gate half as scratch for fn(gate): on a CPU a fresh large
+    tensor costs a page fault per 4 KiB on first touch, more than the arithmetic itself.
     """
     if activation == "relu":
-        return da * (h > 0)
+        return da.masked_fill_(h <= 0, 0)
     f = h.shape[1] // 2
-    acc = compute_dtype(h)
-    gate, up, daf = h[:, :f].to(acc), h[:, f:].to(acc), da.to(acc)
-    dh = torch.empty(h.shape, dtype=acc, device=h.device)
+    gate, up = h[:, :f], h[:, f:]
+    dh = torch.empty_like(h)  # (n, F1)
+    dgate, dup = dh[:, :f], dh[:, f:]
+    aten = torch.ops.aten
     if activation == "swiglu":
-        torch.mul(daf, F.silu(gate), out=dh[:, f:])
-        dh[:, :f] = torch.ops.aten.silu_backward(daf * up, gate)
+        aten.silu.out(gate, out=dgate)  # scratch: fn(gate)
     else:
-        torch.mul(daf, F.gelu(gate), out=dh[:, f:])
-        dh[:, :f] = torch.ops.aten.gelu_backward(daf * up, gate)
-    return dh.to(h.dtype)
+        aten.gelu.out(gate, out=dgate)
+    torch.mul(da, dgate, out=dup)  # d up = da * fn(gate)
+    torch.mul(da, up, out=dgate)  # da * up, then times fn'(gate) in place:
+    if activation == "swiglu":
+        aten.silu_backward.grad_input(dgate, gate, grad_input=dgate)
+    else:
+        aten.gelu_backward.grad_input(dgate, gate, grad_input=dgate)
+    return dh
 
 
 class MoEExpertsCPU(torch.autograd.Function):
@@ -132,7 +145,7 @@ class MoEExpertsCPU(torch.autograd.Function):
         a = act_forward(h, activation)  # (n, f)
         y = grouped_mm(a, w2.transpose(1, 2), r.offsets)  # (n, d)
         out = torch.zeros(T, d, dtype=acc, device=x.device)
-        out.index_add_(0, token, y.to(acc) * g.to(acc)[:, None])
+        out.index_add_(0, token, y.to(acc).mul_(g.to(acc)[:, None]))  # y is ours: scaled in place
         ctx.save_for_backward(x, w1, w2, rows, token, g, h, a, r.offsets)
         ctx.activation, ctx.k, ctx.gates_dtype = activation, k, gates.dtype
         return out.to(x.dtype)
@@ -143,18 +156,17 @@ class MoEExpertsCPU(torch.autograd.Function):
         T, d = x.shape
         acc = compute_dtype(x)
         dx = dgates = dw1 = dw2 = None
-        dy = dout[token]  # (n, d)
-        da_raw = grouped_mm(dy, w2, offsets)  # (n, f) = dy @ w2[e]
+        dy = dout[token]  # (n, d), a fresh gather: ours to scale in place
+        da = grouped_mm(dy, w2, offsets)  # (n, f) = dy @ w2[e], the raw gradient before the gate
         if ctx.needs_input_grad[2]:
-            dg = torch.linalg.vecdot(da_raw.to(acc), a.to(acc))  # (n,) = <dy, y>
+            dg = torch.linalg.vecdot(da.to(acc), a.to(acc))  # (n,) = <dy, y>
             dgates = torch.zeros(T * ctx.k, dtype=acc, device=x.device).index_put_((rows,), dg).view(T, ctx.k)
             dgates = dgates.to(ctx.gates_dtype)
+        gcol = g.to(dy.dtype)[:, None]  # (n, 1)
         if ctx.needs_input_grad[4]:
-            dyg = (dy.to(acc) * g.to(acc)[:, None]).to(dy.dtype)  # (n, d)
-            dw2 = grouped_mm_t(dyg, a, offsets)  # (E, d, f)
+            dw2 = grouped_mm_t(dy.mul_(gcol), a, offsets)  # (E, d, f) = (g dy)_eᵀ @ a_e
         if ctx.needs_input_grad[0] or ctx.needs_input_grad[3]:
-            da = (da_raw.to(acc) * g.to(acc)[:, None]).to(a.dtype)  # (n, f)
-            dh = act_backward(h, da, ctx.activation)  # (n, F1)
+            dh = act_backward(h, da.mul_(gcol), ctx.activation)  # (n, F1)
             if ctx.needs_input_grad[3]:
                 dw1 = grouped_mm_t(dh, x[token], offsets)  # (E, F1, d)
             if ctx.needs_input_grad[0]:
