@@ -1,6 +1,7 @@
 """Ahead-of-time compile every Triton kernel of fast/ for real GPUs, no GPU needed.
 
     python -m minimamba_moe.fast.aot            # compiles for sm_80 and sm_90, prints one line per kernel
+    python -m minimamba_moe.fast.aot 90         # only sm_90 (the test runs one process per arch, in parallel)
 
 Each kernel module lists what its launchers actually launch in ``AOT_SPECS``: tuples of
 (kernel, signature, constexprs), where signature maps every argument to a Triton type
@@ -53,6 +54,6 @@ def compile_all(archs=ARCHS) -> list[str]:
 
 
 if __name__ == "__main__":
-    lines = compile_all()
+    lines = compile_all(tuple(int(a) for a in sys.argv[1:]) or ARCHS)
     print("\n".join(lines))
     print(f"compiled {len(lines)} kernel variants", file=sys.stderr)
