@@ -33,7 +33,7 @@ d = 512, f = 1024, k = 1 that is 38.6 GFLOP; at the 266 GFLOP/s a 4096³ fp32 ma
 mostly matmuls, so no fp32 CPU path can be more than ~2x faster than it at E = 8 (measured: 1.3x
 at k = 2 to 1.7x at k = 1). The gain is the reference's autograd overhead, which grows with E:
 every ``w1[e]`` / ``w2[e]`` it indexes gets a full (E, F1, d) / (E, d, f) zero gradient in the
-backward, E times over — 6x-8x at E = 64 here.
+backward, E times over — 6x to 15x at E = 64 here (the reference's time swings from run to run).
 """
 
 import torch
