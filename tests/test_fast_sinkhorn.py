@@ -70,14 +70,16 @@ def test_triton_kernel_matches_reference(seed, T, E, sigma, init, stopping, tol)
 
 @given(seed=st.integers(0, 2**31 - 1), T=st.integers(64, 200), E=st.sampled_from([8, 16, 64]),
        sigma=st.floats(0.1, 5.0))
-def test_triton_released_rule_is_one_pass_like_the_reference(seed, T, E, sigma):
-    """The released rule (blackmamba init, absolute tol 1e-4) stops after one pass here too (SPEC §2)."""
+def test_triton_released_rule_counts_passes_like_the_reference(seed, T, E, sigma):
+    """The released rule (blackmamba init, absolute tol 1e-4) stops after as many passes as the
+    reference's: one for real batch sizes (test_released_rule_stops_after_one_pass), and at these
+    small T (kept small for the interpreter) sometimes two or three."""
     pytest.importorskip("triton")
     from minimamba_moe.fast.sinkhorn_triton import sinkhorn_triton
 
     logits = random_logits(seed, T, E, sigma)
     _, n = sinkhorn_triton(logits, "blackmamba", "absolute", 1e-4, MAX_ITERS)
-    assert int(n) == int(reference.sinkhorn(logits)[1]) == 1
+    assert int(n) == int(reference.sinkhorn(logits)[1])
 
 
 @given(seed=st.integers(0, 2**31 - 1), cap=st.integers(1, 4), stopping=rules)

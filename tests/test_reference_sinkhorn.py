@@ -114,17 +114,16 @@ def test_released_rule_stops_after_one_pass(seed, T, E, sigma):
     """The documented finding: blackmamba init + absolute tol 1e-4 always stops after exactly one pass.
 
     d1 starts at 1 / (E * colsum(c)) = O(1 / (E * T * mean(c))), so tiny for a realistic batch that
-    mean|d1 - d1_old| < tol after the first pass whatever the logits. The marginal rule, which
-    measures the balance, needs more passes. The first-pass change shrinks like T^-1.5; measured
+    mean|d1 - d1_old| < tol after the first pass whatever the logits: the stop says nothing about
+    the balance (test_released_rule_is_less_balanced_on_sharp_clustered_logits shows it stopping
+    unbalanced). The first-pass change shrinks like T^-1.5; measured
     worst over sigma in [0.3, 2] x 100 seeds, as a fraction of tol: T = 256: 1.01 (E = 2, so a
     second pass can happen), T = 512: 0.34, T = 1024: 0.12. Hence T >= 1024 here (real batches
     are 2048 tokens and up); at T = 64 the absolute rule sometimes takes 2-3 passes.
     """
     logits = random_logits(seed, T, E, sigma, dtype=torch.float32)
     _, n_released = sinkhorn(logits)  # defaults = as released: blackmamba init, absolute, tol 1e-4, scale 2
-    _, n_marginal = sinkhorn(logits, stopping="marginal")
     assert n_released.item() == 1
-    assert n_marginal.item() > 1
 
 
 def test_released_rule_is_less_balanced_on_sharp_clustered_logits():
