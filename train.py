@@ -31,7 +31,7 @@ from tqdm import tqdm
 
 from minimamba_moe import Model, ModelConfig
 from minimamba_moe.checkpoint import (DEFAULT_OUT_DIR, CheckpointError, load_train_state, load_weights,
-                                      read_config, remove_stale_tmp, save_checkpoint, WEIGHTS)
+                                      read_config, recover_interrupted_save, save_checkpoint, WEIGHTS)
 from minimamba_moe.config import PRESETS, ConfigError
 from minimamba_moe.data import DEFAULT_CACHE_DIR, Batches, DataError, prepare_data
 from minimamba_moe.tokenizer import TokenizerError, load_tokenizer
@@ -296,7 +296,7 @@ def main(argv):
             (out_dir / ".write_test").unlink()
         except OSError as e:
             raise UsageError(f"cannot write to --out_dir={out_dir} ({e.strerror}): choose a folder you can write to")
-        remove_stale_tmp(out_dir)
+        recover_interrupted_save(out_dir)
     on_rank0(check_out_dir)
 
     # --- the model: the preset with overrides, or on --resume the checkpoint's own config ---------------

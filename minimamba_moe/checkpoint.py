@@ -8,6 +8,10 @@ A checkpoint is a folder (train.py writes ``DEFAULT_OUT_DIR`` unless told otherw
 
 Each file is written under a temporary name in the same folder and renamed over the old one
 (``os.replace`` is atomic on POSIX), so a kill during a save leaves the previous checkpoint intact.
+A training checkpoint is three files renamed one after another: before the renames, the old files
+get a second name (a hard link ``.<name>.prev``), so that a kill between two renames can be undone
+by ``recover_interrupted_save`` (train.py runs it before reading the folder); the links go once
+all three renames are done.
 Loading never unpickles anything: safetensors and JSON hold only tensors, numbers and strings.
 """
 
@@ -136,10 +140,25 @@ def _write_tmp(path: Path, write) -> str:
     return tmp
 
 
-def remove_stale_tmp(out_dir: str | os.PathLike) -> None:
-    """Delete temporary files a killed save left behind (``.<name>.*.tmp``)."""
-    for f in Path(out_dir).glob(".*.tmp"):
+def recover_interrupted_save(out_dir: str | os.PathLike) -> None:
+    """Undo what a killed ``save_checkpoint`` left behind, before anything reads the folder.
+
+    Temporary files (``.<name>.*.tmp``) are deleted. A ``.prev`` link that is still the same file
+    as its name was not renamed over yet. If some were and some were not, the kill came between two
+    renames: the previous checkpoint is put back. Leftover links are deleted. Reads no file.
+    """
+    out_dir = Path(out_dir)
+    for f in out_dir.glob(".*.tmp"):
         f.unlink(missing_ok=True)
+    pairs = [(_prev(out_dir / name), out_dir / name) for name in (WEIGHTS, TRAIN_STATE, CONFIG)]
+    pairs = [(prev, path) for prev, path in pairs if prev.exists()]
+    renamed = [path.exists() and not os.path.samefile(prev, path) for prev, path in pairs]
+    torn = len(pairs) == 3 and any(renamed) and not all(renamed)
+    for (prev, path), done in zip(pairs, renamed):
+        if torn and done:
+            os.replace(prev, path)  # the new file goes, the previous one is back under its name
+        else:
+            prev.unlink()
 
 
 def save_checkpoint(out_dir: str | os.PathLike, tensors: dict[str, torch.Tensor], config: ModelConfig,
@@ -166,10 +185,33 @@ def save_checkpoint(out_dir: str | os.PathLike, tensors: dict[str, torch.Tensor]
         (_write_tmp(out_dir / CONFIG, lambda p: Path(p).write_text(json.dumps(meta, indent=2) + "\n")),
          out_dir / CONFIG),
     ]
+    prevs = _keep_previous([path for _, path in tmps])
     if before_rename is not None:
         before_rename()
     for tmp, path in tmps:
         os.replace(tmp, path)
+    for prev in prevs:
+        prev.unlink()
+
+
+def _prev(path: Path) -> Path:
+    return path.with_name(f".{path.name}.prev")
+
+
+def _keep_previous(paths: list[Path]) -> list[Path]:
+    """Hard-link every existing file in ``paths`` to its ``.prev`` name (no copy); [] where links fail."""
+    prevs = []
+    try:
+        for path in paths:
+            if path.exists():
+                _prev(path).unlink(missing_ok=True)
+                os.link(path, _prev(path))
+                prevs.append(_prev(path))
+    except OSError:  # a file system without hard links: no undo for a kill between renames
+        for prev in prevs:
+            prev.unlink(missing_ok=True)
+        return []
+    return prevs
 
 
 def load_train_state(ckpt_dir: str | os.PathLike, map_location="cpu") -> dict:

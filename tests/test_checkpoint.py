@@ -1,0 +1,91 @@
+"""A training checkpoint survives a kill at any point of a save (minimamba_moe/checkpoint.py).
+
+save_checkpoint renames three files one after another. A kill is simulated by making the n-th
+``os.replace`` raise, which leaves the folder exactly as a kill -9 at that moment would (the
+temporary files and the ``.prev`` links included). Law: after ``recover_interrupted_save``, the
+folder holds one whole checkpoint — the previous one if the save did not finish renaming, the new
+one if it did — and no leftover temporary or ``.prev`` file.
+"""
+
+import os
+
+import pytest
+import torch
+
+from minimamba_moe import Model, ModelConfig
+from minimamba_moe.checkpoint import (load_train_state, load_weights, model_tensors, recover_interrupted_save,
+                                      save_checkpoint)
+
+
+class Killed(Exception):
+    pass
+
+
+def save(out, model, step):
+    save_checkpoint(out, model_tensors(model), model.config, {"marker": torch.tensor(float(step))}, step=step)
+
+
+def models():
+    config = ModelConfig.from_preset("tiny", n_layer=2, d_model=32)
+    torch.manual_seed(0)
+    first = Model(config)
+    torch.manual_seed(1)
+    return first, Model(config)
+
+
+def assert_whole_checkpoint(out, model, step):
+    state = load_train_state(out)  # raises on a torn folder
+    assert state["step"] == step and state["marker"].item() == step
+    loaded = Model(model.config)
+    load_weights(loaded, out / "model.safetensors")
+    for (name, a), b in zip(model.state_dict().items(), loaded.state_dict().values()):
+        assert torch.equal(a, b), f"{name} is not step {step}'s"
+    assert not [f.name for f in out.iterdir() if f.name.endswith((".tmp", ".prev"))]
+
+
+@pytest.mark.parametrize("renames_done", [0, 1, 2])
+def test_kill_between_renames_gives_back_the_previous_checkpoint(tmp_path, monkeypatch, renames_done):
+    first, second = models()
+    save(tmp_path, first, 1)
+    real_replace, calls = os.replace, []
+
+    def replace(src, dst):
+        if len(calls) == renames_done:
+            raise Killed
+        calls.append(dst)
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace)
+    with pytest.raises(Killed):
+        save(tmp_path, second, 2)
+    monkeypatch.setattr(os, "replace", real_replace)
+    recover_interrupted_save(tmp_path)
+    assert_whole_checkpoint(tmp_path, first, 1)
+
+
+def test_kill_after_the_renames_keeps_the_new_checkpoint(tmp_path, monkeypatch):
+    first, second = models()
+    save(tmp_path, first, 1)
+    real_unlink = type(tmp_path).unlink
+
+    def unlink(self, *args, **kwargs):
+        if self.name.endswith(".prev") and self.exists():  # the clean-up after the renames
+            raise Killed
+        return real_unlink(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(tmp_path), "unlink", unlink)
+    with pytest.raises(Killed):
+        save(tmp_path, second, 2)
+    monkeypatch.setattr(type(tmp_path), "unlink", real_unlink)
+    assert [f for f in tmp_path.iterdir() if f.name.endswith(".prev")], "the kill should have left the links"
+    recover_interrupted_save(tmp_path)
+    assert_whole_checkpoint(tmp_path, second, 2)
+
+
+def test_a_completed_save_leaves_only_the_checkpoint(tmp_path):
+    first, second = models()
+    save(tmp_path, first, 1)
+    save(tmp_path, second, 2)
+    assert sorted(f.name for f in tmp_path.iterdir()) == ["config.json", "model.safetensors", "train_state.pt"]
+    recover_interrupted_save(tmp_path)
+    assert_whole_checkpoint(tmp_path, second, 2)
