@@ -324,7 +324,8 @@ def main(argv):
     raw_model = Model(mconfig)
     if cfg["resume"]:
         load_weights(raw_model, out_dir / WEIGHTS)
-    raw_model.to(dev)
+    if not (distributed and cfg["fsdp"]):
+        raw_model.to(dev)  # (under FSDP2, fully_shard moves each layer to the device as it shards it)
     no_decay = {n for n, p in raw_model.named_parameters() if p.ndim < 2 or getattr(p, "_no_weight_decay", False)}
     n = raw_model.count_params()
     log(f"model {mconfig.name}: {n.total / 1e6:.2f}M parameters, {n.active / 1e6:.2f}M active per token")
