@@ -6,7 +6,7 @@ Same signature and docstring as ``reference.moe.moe_experts`` (diff them). Where
                                     first GEMM, fused gated activation, gate * scatter-add in the
                                     second; hand-written backward kernels
     CPU tensors  -> moe_cpu.py      sort + torch grouped_mm (per-expert matmuls as fallback),
-    (and float64)                   hand-written backward
+    (and float64)                   hand-written backward; without gradients, in blocks of rows
     both         -> routing.py      expert histogram, offsets and permutation, on the device
 
 Glossary (code name = meaning, shape): as in reference/moe.py —
@@ -23,7 +23,7 @@ import torch
 from minimamba_moe.reference._checks import check_ndim, check_shape
 from minimamba_moe.reference.moe import ACTIVATIONS
 
-from .moe_cpu import MoEExpertsCPU
+from .moe_cpu import MoEExpertsCPU, moe_experts_no_grad
 
 
 def moe_experts(x, expert_idx, gates, w1, w2, activation="swiglu"):
@@ -68,4 +68,6 @@ def moe_experts(x, expert_idx, gates, w1, w2, activation="swiglu"):
     if expert_idx.numel() and (expert_idx.min() < -1 or expert_idx.max() >= E):
         raise ValueError(f"expert_idx values must be in [0, {E}) or -1 (dropped), got range "
                          f"[{expert_idx.min().item()}, {expert_idx.max().item()}]")
-    return MoEExpertsCPU.apply(x, expert_idx, gates, w1, w2, activation)
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (x, gates, w1, w2)):
+        return MoEExpertsCPU.apply(x, expert_idx, gates, w1, w2, activation)
+    return moe_experts_no_grad(x, expert_idx, gates, w1, w2, activation)

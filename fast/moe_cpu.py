@@ -10,7 +10,8 @@ Glossary (code name = meaning, shape; see routing.py for order / token / offsets
     g        gate of each sorted row                                         (n,)
     out      Σ over a token's rows of g * y, summed in fp32 (index_add)     (T, d)
 
-Data flow, forward:  gather xs -> grouped matmul (w1) -> act -> grouped matmul (w2) -> * g -> index_add.
+Data flow, forward:  gather xs -> grouped matmul (w1) -> act -> grouped matmul (w2) -> * g -> index_add
+(when no gradient is needed, ``moe_experts_no_grad`` runs the same steps over blocks of rows).
 Backward, the same steps reversed (dout = gradient of out, (T, d)):
     dy   = dout[token]                         (n, d)
     da   = dy @ w2[e]     (grouped)            (n, f)    before the gate
@@ -31,7 +32,7 @@ work (forward h, y: 2 n d (F1 + f) FLOP; backward da, dw2, dw1, dx: twice that).
 d = 512, f = 1024, k = 1 that is 38.6 GFLOP; at the 266 GFLOP/s a 4096³ fp32 matmul reaches on this
 2-core machine, at least 145 ms, against ~300 ms for the reference: the reference is already
 mostly matmuls, so no fp32 CPU path can be more than ~2x faster than it at E = 8 (measured: 1.3x
-at k = 2 to 1.7x at k = 1). The gain is the reference's autograd overhead, which grows with E:
+at k = 2 to 1.7x at k = 1; the forward alone 1.0x-1.1x). The gain is the reference's autograd overhead, which grows with E:
 every ``w1[e]`` / ``w2[e]`` it indexes gets a full (E, F1, d) / (E, d, f) zero gradient in the
 backward, E times over — 6x to 15x at E = 64 here (the reference's time swings from run to run).
 """
@@ -126,6 +127,31 @@ def act_backward(h, da, activation):
     else:
         aten.gelu_backward.grad_input(dgate, gate, grad_input=dgate)
     return dh
+
+
+BLOCK_BYTES = 8 << 20  # no-grad forward: rows per block so that one block of h is 8 MiB
+
+
+def moe_experts_no_grad(x, expert_idx, gates, w1, w2, activation):
+    """The forward alone (inference), in blocks of sorted rows: nothing is kept for a backward, so
+    xs, h, a and y exist for one block at a time. Blocks of 8 MiB stay below glibc's mmap threshold
+    (freed memory is reused, no page faults) and mostly in cache; a block may straddle experts
+    (its offsets are the global ones clipped to the block)."""
+    T, d = x.shape
+    acc = compute_dtype(x)
+    r: Routing = group_by_expert(expert_idx, w1.shape[0])
+    n = int(r.offsets[-1])  # CPU tensor: no device to wait for
+    g = gates.reshape(-1)[r.order[:n]].to(acc)  # (n,)
+    rows = max(1, BLOCK_BYTES // (w1.shape[1] * x.element_size()))
+    out = torch.zeros(T, d, dtype=acc, device=x.device)
+    for lo in range(0, n, rows):
+        hi = min(n, lo + rows)
+        token = r.token[lo:hi]  # (R,)
+        offsets = r.offsets.clamp(lo, hi) - lo  # (E+1,) expert e owns block rows offsets[e] : offsets[e+1]
+        h = grouped_mm(x[token], w1.transpose(1, 2), offsets)  # (R, F1)
+        y = grouped_mm(act_forward(h, activation), w2.transpose(1, 2), offsets)  # (R, d)
+        out.index_add_(0, token, y.to(acc).mul_(g[lo:hi, None]))
+    return out.to(x.dtype)
 
 
 class MoEExpertsCPU(torch.autograd.Function):

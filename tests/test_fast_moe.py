@@ -15,6 +15,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from minimamba_moe import fast, reference
+from minimamba_moe.fast import moe_cpu
 from minimamba_moe.fast.routing import group_by_expert
 from tests.helpers import assert_close
 
@@ -87,6 +88,22 @@ def test_fast_matches_reference_outputs_and_gradients(dtype, case):
 @given(case=cases)
 def test_fast_matches_reference_bf16(case):
     check_against_reference(case, torch.bfloat16, 3e-2, 3e-2, grad_tol=5e-2)
+
+
+@pytest.mark.parametrize("block_bytes", [256, moe_cpu.BLOCK_BYTES])  # 256: a few rows, blocks straddle experts
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@given(case=cases)
+def test_forward_without_gradients_matches_reference(block_bytes, dtype, case):
+    """No gradient needed: the blocked forward (moe_experts_no_grad), held to the reference."""
+    x, idx, gates, w1, w2 = make_case(**case, dtype=dtype)
+    saved, moe_cpu.BLOCK_BYTES = moe_cpu.BLOCK_BYTES, block_bytes
+    try:
+        with torch.no_grad():
+            out = fast.moe_experts(x, idx, gates, w1, w2, case["activation"])
+    finally:
+        moe_cpu.BLOCK_BYTES = saved
+    want = reference.moe_experts(x, idx, gates, w1, w2, case["activation"])
+    assert_close(out, want, atol=TOL[dtype][0], rtol=TOL[dtype][1], what=f"no-grad out {case}")
 
 
 @given(seed=st.integers(0, 2**31 - 1), T=st.integers(1, 12), E=st.integers(1, 5),
