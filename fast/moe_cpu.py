@@ -11,7 +11,7 @@ Glossary (code name = meaning, shape; see routing.py for order / token / offsets
     out      Σ over a token's rows of g * y, summed in fp32 (index_add)     (T, d)
 
 Data flow, forward:  gather xs -> grouped matmul (w1) -> act -> grouped matmul (w2) -> * g -> index_add
-(when no gradient is needed, ``moe_experts_no_grad`` runs the same steps over blocks of rows).
+(``experts_forward``; when no gradient is needed, ``moe_experts_no_grad`` runs it over blocks of rows).
 Backward, the same steps reversed (dout = gradient of out, (T, d)):
     dy   = dout[token]                         (n, d)
     da   = dy @ w2[e]     (grouped)            (n, f)    before the gate
@@ -32,9 +32,10 @@ work (forward h, y: 2 n d (F1 + f) FLOP; backward da, dw2, dw1, dx: twice that).
 d = 512, f = 1024, k = 1 that is 38.6 GFLOP; at the 266 GFLOP/s a 4096³ fp32 matmul reaches on this
 2-core machine, at least 145 ms, against ~300 ms for the reference: the reference is already
 mostly matmuls, so no fp32 CPU path can be more than ~2x faster than it at E = 8 (measured: 1.3x
-at k = 2 to 1.7x at k = 1; the forward alone 1.0x-1.1x). The gain is the reference's autograd overhead, which grows with E:
-every ``w1[e]`` / ``w2[e]`` it indexes gets a full (E, F1, d) / (E, d, f) zero gradient in the
-backward, E times over — 6x to 15x at E = 64 here (the reference's time swings from run to run).
+at k = 2 to 1.7x at k = 1; the forward alone 1.0x-1.1x). The gain is the reference's autograd
+overhead, which grows with E: every ``w1[e]`` / ``w2[e]`` it indexes gets a full (E, F1, d) /
+(E, d, f) zero gradient in the backward, E times over — 6x to 15x at E = 64 here (the reference's
+time swings from run to run).
 """
 
 import torch
@@ -129,6 +130,19 @@ def act_backward(h, da, activation):
     return dh
 
 
+def experts_forward(x, token, g, w1, w2, offsets, activation, out):
+    """Sorted rows through their experts: h, a, y for rows x[token], g * y added into out (T, d).
+
+    token (R,) and g (R,) belong to R consecutive sorted rows; expert e owns rows offsets[e] :
+    offsets[e+1] of them. Returns h (R, F1) and a (R, f), which the backward needs.
+    """
+    h = grouped_mm(x[token], w1.transpose(1, 2), offsets)  # (R, F1)
+    a = act_forward(h, activation)  # (R, f)
+    y = grouped_mm(a, w2.transpose(1, 2), offsets)  # (R, d)
+    out.index_add_(0, token, y.to(out.dtype).mul_(g.to(out.dtype)[:, None]))  # y is ours: scaled in place
+    return h, a
+
+
 BLOCK_BYTES = 8 << 20  # no-grad forward: rows per block so that one block of h is 8 MiB
 
 
@@ -137,20 +151,15 @@ def moe_experts_no_grad(x, expert_idx, gates, w1, w2, activation):
     xs, h, a and y exist for one block at a time. Blocks of 8 MiB stay below glibc's mmap threshold
     (freed memory is reused, no page faults) and mostly in cache; a block may straddle experts
     (its offsets are the global ones clipped to the block)."""
-    T, d = x.shape
-    acc = compute_dtype(x)
     r: Routing = group_by_expert(expert_idx, w1.shape[0])
     n = int(r.offsets[-1])  # CPU tensor: no device to wait for
-    g = gates.reshape(-1)[r.order[:n]].to(acc)  # (n,)
+    g = gates.reshape(-1)[r.order[:n]]  # (n,)
     rows = max(1, BLOCK_BYTES // (w1.shape[1] * x.element_size()))
-    out = torch.zeros(T, d, dtype=acc, device=x.device)
+    out = torch.zeros(x.shape, dtype=compute_dtype(x), device=x.device)  # (T, d)
     for lo in range(0, n, rows):
         hi = min(n, lo + rows)
-        token = r.token[lo:hi]  # (R,)
         offsets = r.offsets.clamp(lo, hi) - lo  # (E+1,) expert e owns block rows offsets[e] : offsets[e+1]
-        h = grouped_mm(x[token], w1.transpose(1, 2), offsets)  # (R, F1)
-        y = grouped_mm(act_forward(h, activation), w2.transpose(1, 2), offsets)  # (R, d)
-        out.index_add_(0, token, y.to(acc).mul_(g[lo:hi, None]))
+        experts_forward(x, r.token[lo:hi], g[lo:hi], w1, w2, offsets, activation, out)
     return out.to(x.dtype)
 
 
@@ -166,12 +175,8 @@ class MoEExpertsCPU(torch.autograd.Function):
         n = int(r.offsets[-1])  # CPU tensor: no device to wait for
         rows, token = r.order[:n], r.token[:n]  # (n,), (n,)
         g = gates.reshape(T * k)[rows]  # (n,)
-        xs = x[token]  # (n, d)
-        h = grouped_mm(xs, w1.transpose(1, 2), r.offsets)  # (n, F1)
-        a = act_forward(h, activation)  # (n, f)
-        y = grouped_mm(a, w2.transpose(1, 2), r.offsets)  # (n, d)
         out = torch.zeros(T, d, dtype=acc, device=x.device)
-        out.index_add_(0, token, y.to(acc).mul_(g.to(acc)[:, None]))  # y is ours: scaled in place
+        h, a = experts_forward(x, token, g, w1, w2, r.offsets, activation, out)  # (n, F1), (n, f)
         ctx.save_for_backward(x, w1, w2, rows, token, g, h, a, r.offsets)
         ctx.activation, ctx.k, ctx.gates_dtype = activation, k, gates.dtype
         return out.to(x.dtype)
