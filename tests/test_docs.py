@@ -30,7 +30,7 @@ PATH = re.compile(r"^[\w.*-]+(/[\w.*-]*)*$")
 DOTTED = re.compile(r"^minimamba_moe(\.\w+)+$")
 TEST_NAME = re.compile(r"^test_\w+$")
 
-PAGES = sorted(DOCS.glob("*.md"))
+PAGES = sorted(DOCS.rglob("*.md"))
 
 
 def spans(page: Path) -> list[str]:
@@ -86,7 +86,7 @@ def test_there_are_pages():
     assert (DOCS / "index.md").is_file(), "docs/index.md is missing"
 
 
-@pytest.mark.parametrize("page", PAGES, ids=[p.name for p in PAGES])
+@pytest.mark.parametrize("page", PAGES, ids=[p.relative_to(DOCS).as_posix() for p in PAGES])
 def test_every_name_in_backticks_exists(page):
     tests = defined_tests()
     problems = []
@@ -99,11 +99,11 @@ def test_every_name_in_backticks_exists(page):
         elif is_repo_path(s):
             problems.append(path_problem(s))
     problems = [p for p in problems if p]
-    assert not problems, f"docs/{page.name} names things that do not exist:\n  " + "\n  ".join(problems)
+    assert not problems, f"docs/{page.relative_to(DOCS).as_posix()} names things that do not exist:\n  " + "\n  ".join(problems)
 
 
 def test_nav_lists_every_page():
     nav = set(re.findall(r"^\s*-\s*[^:\n]+:\s*(\S+\.md)\s*$", (ROOT / "mkdocs.yml").read_text(), re.M))
-    pages = {p.name for p in PAGES}
+    pages = {p.relative_to(DOCS).as_posix() for p in PAGES}
     assert nav == pages, f"in mkdocs.yml nav but not in docs/: {sorted(nav - pages)}; " \
                          f"in docs/ but not in nav: {sorted(pages - nav)}"
