@@ -51,12 +51,14 @@ def _prepare(u, delta, delta_bias, delta_softplus, f):
     return u_t, d_t, pre
 
 
+# --8<-- [start:chunk_states]
 def _chunk_states(dA, H, h0):
     """In place: H (T, b, d, n) holds dBu and becomes the chunk's states h_t, starting from h0 (b, d, n)."""
     H[0].addcmul_(dA[0], h0)
     for t in range(1, H.shape[0]):
         H[t].addcmul_(dA[t], H[t - 1])  # h_t = dA_t * h_{t-1} + dBu_t
     return H
+# --8<-- [end:chunk_states]
 
 
 def _discretize(d_c, u_c, B_c, A, dA, dBu):
@@ -81,6 +83,7 @@ def _contract_d(X, w):
     return torch.bmm(w.reshape(T * b, 1, d), X.view(T * b, d, n)).view(T, b, n)
 
 
+# --8<-- [start:ScanCPU]
 class _ScanCPU(torch.autograd.Function):
     """Forward: chunked scan saving chunk-start states. Backward: reverse chunks, reverse time."""
 
@@ -200,6 +203,7 @@ class _ScanCPU(torch.autograd.Function):
         if ctx.needs_input_grad[8]:
             g_h0 = g_init.to(ctx.h0_dtype)
         return g_u, g_dl, gA.to(A.dtype), g_B, g_C, g_D, g_z, g_bias, g_h0, None, None
+# --8<-- [end:ScanCPU]
 
 
 def selective_scan_cpu(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, f):

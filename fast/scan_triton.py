@@ -49,10 +49,12 @@ BLOCK_D_FWD = 16
 NUM_WARPS = 4
 
 
+# --8<-- [start:combine]
 @triton.jit
 def _combine(a1, b1, a2, b2):
     """Compose two affine maps: first h -> a1 h + b1, then h -> a2 h + b2."""
     return a1 * a2, a2 * b1 + b2
+# --8<-- [end:combine]
 
 
 @triton.jit
@@ -85,6 +87,7 @@ def _load_chunk(u_ptr, delta_ptr, B_ptr, C_ptr, bias, pid_b, offs_d, offs_n, t, 
     return u, dt_raw, dt, Bt, Ct, dl, mask_dl, nl, mask_nl
 
 
+# --8<-- [start:chunk_states]
 @triton.jit
 def _chunk_states(A, h, u, dt, Bt):
     """States at every position of the chunk from its start state h (BLOCK_D, BLOCK_N) -> (BLOCK_D, BLOCK_N, BLOCK_L)."""
@@ -92,8 +95,10 @@ def _chunk_states(A, h, u, dt, Bt):
     dBu = (dt * u)[:, None, :] * Bt[None, :, :]  # (BLOCK_D, BLOCK_N, BLOCK_L)
     a_cum, b_cum = tl.associative_scan((dA, dBu), axis=2, combine_fn=_combine)
     return a_cum * h[:, :, None] + b_cum, dA, dBu
+# --8<-- [end:chunk_states]
 
 
+# --8<-- [start:scan_fwd_kernel]
 @triton.jit
 def _scan_fwd_kernel(
     u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, h0_ptr,  # inputs
@@ -139,6 +144,7 @@ def _scan_fwd_kernel(
         tl.store(out_ptr + dl, y.to(out_ptr.dtype.element_ty), mask=mask_dl)
 
     tl.store(last_ptr + pid_b * Dm * N + dn, h, mask=mask_dn)
+# --8<-- [end:scan_fwd_kernel]
 
 
 def block_sizes(d, n, block_l=None, block_d=None):

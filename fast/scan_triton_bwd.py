@@ -40,6 +40,7 @@ from .scan_triton import BLOCK_L, NUM_WARPS, _chunk_states, _combine, _load_chun
 BLOCK_D_BWD = 16  # more live (BLOCK_D, BLOCK_N, BLOCK_L) tiles than the forward. Not tuned on a GPU yet.
 
 
+# --8<-- [start:scan_bwd_kernel]
 @triton.jit
 def _scan_bwd_kernel(
     u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, h_starts_ptr, g_out_ptr, g_last_ptr,
@@ -127,6 +128,7 @@ def _scan_bwd_kernel(
     tl.store(g_h0_ptr + pid_b * Dm * N + dn, carry, mask=mask_dn)
     tl.store(gA_part_ptr + pid_b * Dm * N + dn, gA, mask=mask_dn)
     tl.store(gD_part_ptr + pid_b * Dm + offs_d, gD, mask=mask_d)
+# --8<-- [end:scan_bwd_kernel]
 
 
 def scan_backward(u, delta, A, B, C, D, z, delta_bias, h_starts, g_out, g_last, delta_softplus, block_l, block_d):

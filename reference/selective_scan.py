@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from ._checks import check_ndim, check_shape, compute_dtype
 
 
+# --8<-- [start:selective_scan]
 def selective_scan(
     u,
     delta,
@@ -113,8 +114,10 @@ def selective_scan(
         out = out * F.silu(z.to(f))  # (b, d, l)
     out = out.to(dtype_in)  # Step 6: back to the input dtype.
     return (out, h) if return_last_state else out
+# --8<-- [end:selective_scan]
 
 
+# --8<-- [start:selective_state_update]
 def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False):
     """Advance the scan by one position (decoding), updating ``state`` in place.
 
@@ -171,3 +174,4 @@ def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, 
     if z is not None:
         out = out * F.silu(z.to(f))  # (b, d)
     return out.to(dtype_in)
+# --8<-- [end:selective_state_update]

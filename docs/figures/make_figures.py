@@ -1,0 +1,273 @@
+"""Draw the figures of the docs site from the project's own code and write them as SVG files.
+
+    python docs/figures/make_figures.py            # all figures, into docs/figures/
+    python docs/figures/make_figures.py --out DIR  # elsewhere (tests/test_docs.py does this)
+    python docs/figures/make_figures.py --only sinkhorn
+
+Each figure is computed, not drawn by hand:
+- architecture.svg: the layer stack of three presets from ModelConfig (layer_pattern, n_layer,
+  n_experts, top_k, router): the residual stream, where the router and the experts sit.
+- chunked_scan.svg: the chunks, the in-chunk associative scan and the carried state of the Triton
+  scan, for a sequence of 20 positions in chunks of BLOCK_L = 8 (fast/scan_triton.py).
+- moe_grouping.svg: token-slots grouped by expert by fast/routing.py's group_by_expert on a small
+  routing, and the grouped GEMM over the sorted rows.
+- sinkhorn.svg: expert load imbalance against router logit sharpness, for every Sinkhorn
+  initialisation and stopping rule, with benchmarks/bench_sinkhorn.py's logits and measure.
+
+Needs matplotlib (pip install -e ".[plots]"). The SVGs are deterministic for a given matplotlib
+(fixed hash salt, no date), so regenerating them only changes them when the code changes.
+"""
+
+import argparse
+import math
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))  # run from a checkout
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from minimamba_moe import ModelConfig  # noqa: E402
+
+COLORS = {"mamba": "#4c72b0", "moe": "#dd8452", "attention": "#55a868", "mlp": "#8172b3", "router": "#c44e52",
+          "norm": "#bbbbbb"}
+EXPERT_COLORS = ["#4c72b0", "#dd8452", "#55a868", "#c44e52", "#8172b3", "#937860", "#da8bc3", "#8c8c8c"]
+
+
+def _plt():
+    try:
+        import matplotlib
+    except ImportError:
+        sys.exit("matplotlib is not installed: pip install -e '.[plots]'")
+    matplotlib.use("Agg")
+    matplotlib.rcParams.update({"svg.hashsalt": "minimamba-moe", "font.size": 9, "font.family": "DejaVu Sans"})
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, out: Path, name: str):
+    path = out / name
+    tmp = path.with_suffix(".tmp.svg")
+    fig.savefig(tmp, format="svg", bbox_inches="tight", metadata={"Date": None})
+    os.replace(tmp, path)
+    print(f"wrote {path.relative_to(ROOT) if path.is_relative_to(ROOT) else path}")
+
+
+def _box(ax, x, y, w, h, text, color, text_color="white", fontsize=8):
+    from matplotlib.patches import FancyBboxPatch
+
+    ax.add_patch(FancyBboxPatch((x, y), w, h, boxstyle="round,pad=0.02,rounding_size=0.08", fc=color, ec="none"))
+    ax.text(x + w / 2, y + h / 2, text, ha="center", va="center", color=text_color, fontsize=fontsize)
+
+
+def _arrow(ax, x0, y0, x1, y1, color="#333333", lw=1.0, style="-|>"):
+    ax.annotate("", xy=(x1, y1), xytext=(x0, y0), arrowprops=dict(arrowstyle=style, color=color, lw=lw,
+                                                                    shrinkA=0, shrinkB=0))
+
+
+# --8<-- [start:architecture]
+def architecture(out: Path):
+    """One column per preset: the residual stream, and per layer of the pattern its norm and mixer."""
+    plt = _plt()
+    presets = ["blackmamba-1.5b", "moe-mamba-25m", "transformer-moe-25m"]
+    fig, axes = plt.subplots(1, len(presets), figsize=(3.4 * len(presets), 6.2))
+    for ax, name in zip(axes, presets):
+        c = ModelConfig.from_preset(name)
+        pattern, repeats = c.layer_pattern, c.n_layer // len(c.layer_pattern)
+        ax.set_xlim(-0.3, 5.0)
+        ax.set_ylim(-0.4, 3.4 + 2.2 * len(pattern))
+        ax.axis("off")
+        ax.set_title(f"{name}\n{c.n_layer} layers = ({', '.join(pattern)}) x {repeats}", fontsize=9)
+        top = 2.6 + 2.2 * len(pattern)
+        R = 0.6  # x of the residual stream
+        ax.plot([R, R], [0.6, top], color="#333333", lw=2.5, zorder=0)
+        _box(ax, 0.0, 0.05, 1.2, 0.5, "embedding", "#666666", fontsize=7)
+        ax.text(R + 0.1, 0.75, "residual stream (b, l, d_model)", rotation=90, fontsize=7, va="bottom", color="#333333")
+        y = 1.0
+        for kind in pattern:
+            _box(ax, 1.3, y + 0.2, 1.0, 0.45, c.norm, COLORS["norm"], "black", 7)
+            _arrow(ax, R, y + 0.42, 1.3, y + 0.42)
+            if kind == "moe":
+                _box(ax, 1.3, y + 0.9, 1.0, 0.5, f"router\n{c.router}", COLORS["router"], fontsize=7)
+                _arrow(ax, 1.8, y + 0.65, 1.8, y + 0.9)
+                shown = min(c.n_experts, 4)
+                for e in range(shown):
+                    label = f"E{e}" if e < shown - 1 or c.n_experts == shown else f"E{c.n_experts - 1}"
+                    _box(ax, 2.6, y + 0.05 + 0.42 * e, 0.75, 0.34, label, COLORS["moe"], fontsize=7)
+                    _arrow(ax, 2.3, y + 1.15, 2.6, y + 0.22 + 0.42 * e, color="#999999", lw=0.6)
+                if c.n_experts > shown:
+                    ax.text(2.98, y + 0.05 + 0.42 * (shown - 1) - 0.06, "...", ha="center", fontsize=8)
+                ax.text(3.45, y + 0.9, f"{c.n_experts} experts\ntop-{c.top_k}\n"
+                        f"{c.mlp_activation}, {c.d_expert}", fontsize=7, va="center")
+                _arrow(ax, 3.0, y + 1.85, R, y + 1.85)
+                ax.plot([3.0, 3.0], [y + 1.75, y + 1.85], color="#333333", lw=1)
+                ax.text(1.9, y + 1.92, "+ gate x expert(x)", fontsize=7, ha="center")
+            else:
+                label = {"mamba": f"Mamba\nd_state {c.d_state}", "attention": f"attention\n{c.n_head} heads",
+                         "mlp": f"MLP {c.d_ff}"}[kind]
+                _box(ax, 1.3, y + 0.95, 1.9, 0.55, label, COLORS[kind])
+                _arrow(ax, 1.8, y + 0.65, 1.8, y + 0.95)
+                _arrow(ax, 3.2, y + 1.85, R, y + 1.85)
+                ax.plot([3.2, 3.2], [y + 1.5, y + 1.85], color="#333333", lw=1)
+            ax.scatter([R], [y + 1.85], s=60, color="white", edgecolor="#333333", zorder=3)
+            ax.text(R, y + 1.85, "+", ha="center", va="center", fontsize=8, zorder=4)
+            y += 2.2
+        ax.text(-0.25, 0.9 + 1.1 * len(pattern), f"x {repeats}", fontsize=9, fontweight="bold", rotation=90, va="center")
+        ax.plot([-0.05, -0.05], [1.0, y - 0.3], color="#999999", lw=1, ls="--")
+        final = c.final_norm if c.final_norm != "none" else "no final norm"
+        _box(ax, 0.0, top, 1.2, 0.45, final, COLORS["norm"], "black", 7)
+        ax.text(1.3, top + 0.22, "-> LM head -> logits (b, l, vocab)", fontsize=7, va="center")
+    _save(fig, out, "architecture.svg")
+    plt.close(fig)
+# --8<-- [end:architecture]
+
+
+def chunked_scan(out: Path):
+    """A 20-position sequence in chunks of 8: the in-chunk scan tree, the carried state, h_starts."""
+    from minimamba_moe.fast.scan_triton import block_sizes
+
+    plt = _plt()
+    L = 20
+    BL = block_sizes(d=4, n=4, block_l=8)[2]
+    n_chunks = math.ceil(L / BL)
+    levels = int(math.log2(BL))
+    fig, ax = plt.subplots(figsize=(10, 3.6))
+    ax.set_xlim(-1.2, n_chunks * (BL + 1.2))
+    ax.set_ylim(-2.2, levels + 2.4)
+    ax.axis("off")
+    for c in range(n_chunks):
+        x0 = c * (BL + 1.2)
+        for j in range(BL):
+            t = c * BL + j
+            pad = t >= L
+            ax.add_patch(plt.Rectangle((x0 + j, 0), 0.8, 0.6, fc="#eeeeee" if pad else "#c6dbef",
+                                       ec="#999999", hatch="//" if pad else None))
+            ax.text(x0 + j + 0.4, 0.3, "pad" if pad else f"{t}", ha="center", va="center", fontsize=7)
+            # Hillis-Steele levels of tl.associative_scan: at level s, position j combines with j - 2^s.
+            for s in range(levels):
+                if j - 2 ** s >= 0:
+                    ax.plot([x0 + j - 2 ** s + 0.4, x0 + j + 0.4], [1 + s, 1.8 + s], color="#6baed6", lw=0.7)
+        for s in range(levels):
+            ax.text(x0 - 0.2, 1.4 + s, f"step {s + 1}", fontsize=6, ha="right", color="#555555")
+        ax.text(x0 + BL / 2, levels + 1.2, f"chunk {c}: positions {c * BL}..{min(L, (c + 1) * BL) - 1}\n"
+                f"(dA, dBu) pairs, tl.associative_scan(_combine)", ha="center", fontsize=7)
+        ax.add_patch(plt.Rectangle((x0 - 0.9, -1.6), 0.7, 0.6, fc="#fdd0a2", ec="#999999"))
+        ax.text(x0 - 0.55, -1.3, f"h{c}", ha="center", va="center", fontsize=7)
+        _arrow(ax, x0 - 0.55, -1.0, x0 + 0.2, -0.05, color="#e6550d")
+        if c:
+            _arrow(ax, x0 - 1.2 - 0.2, 0.3, x0 - 0.55, -1.0, color="#e6550d", lw=1.2)
+    ax.text(-1.1, -2.1, f"h_starts: the state entering each chunk (b, {n_chunks} chunks, d, n) is the only state "
+            "written to memory; the state is carried from chunk to chunk in registers (orange); "
+            "padded positions have Δ = 0 (dA = 1, dBu = 0)", fontsize=7)
+    _save(fig, out, "chunked_scan.svg")
+    plt.close(fig)
+
+
+def moe_grouping(out: Path):
+    """group_by_expert on 6 tokens, top-2 of 4 experts, one dropped slot: slots -> sorted rows -> GEMMs."""
+    from minimamba_moe.fast.routing import group_by_expert
+
+    plt = _plt()
+    expert_idx = torch.tensor([[2, 0], [1, 2], [0, -1], [2, 3], [0, 1], [3, 2]])  # (T, k), -1 = dropped
+    T, k = expert_idx.shape
+    E = 4
+    r = group_by_expert(expert_idx, E)
+    N = T * k
+    fig, ax = plt.subplots(figsize=(9, 4.4))
+    ax.set_xlim(-0.5, 11)
+    ax.set_ylim(-1.2, N + 1.2)
+    ax.axis("off")
+
+    def color(e):
+        return "#dddddd" if e < 0 or e >= E else EXPERT_COLORS[e]
+
+    ax.text(0.6, N + 0.5, "token-slots (T=6, k=2)\nexpert_idx", ha="center", fontsize=8)
+    for s in range(N):
+        e = int(expert_idx.view(-1)[s])
+        y = N - 1 - s
+        ax.add_patch(plt.Rectangle((0, y), 1.2, 0.8, fc=color(e), ec="white"))
+        ax.text(0.6, y + 0.4, f"t{s // k} s{s % k}: " + ("drop" if e < 0 else f"E{e}"), ha="center", va="center",
+                fontsize=7, color="black" if e < 0 else "white")
+    ax.text(4.1, N + 0.5, "sorted rows (order)\nstable sort by expert", ha="center", fontsize=8)
+    for row in range(N):
+        s, e = int(r.order[row]), int(r.sorted_expert[row])
+        y = N - 1 - row
+        ax.add_patch(plt.Rectangle((3.5, y), 1.2, 0.8, fc=color(e), ec="white"))
+        ax.text(4.1, y + 0.4, f"row {row}: x[t{int(r.token[row])}]", ha="center", va="center", fontsize=7,
+                color="black" if e >= E else "white")
+        ax.plot([1.2, 3.5], [N - 1 - s + 0.4, y + 0.4], color="#aaaaaa", lw=0.6)
+    offsets = r.offsets.tolist()
+    for e in range(E + 1):
+        y = N - offsets[e]
+        ax.plot([4.8, 5.3], [y, y], color="black", lw=1)
+        ax.text(5.35, y, f"offsets[{e}] = {offsets[e]}", va="center", fontsize=7)
+    ax.text(9, N + 0.5, "grouped GEMM: one weight per\nblock of rows, x gathered by row", ha="center", fontsize=8)
+    for e in range(E):
+        lo, hi = offsets[e], offsets[e + 1]
+        if hi > lo:
+            ax.add_patch(plt.Rectangle((7.6, N - hi), 1.2, hi - lo - 0.2, fc=color(e), ec="white", alpha=0.5))
+            ax.text(8.2, N - (lo + hi) / 2 - 0.1, f"rows {lo}..{hi - 1}", ha="center", va="center", fontsize=7)
+            ax.add_patch(plt.Rectangle((9.1, N - hi), 1.0, hi - lo - 0.2, fc=color(e), ec="white"))
+            ax.text(9.6, N - (lo + hi) / 2 - 0.1, f"w1[{e}]", ha="center", va="center", fontsize=7, color="white")
+            ax.text(8.95, N - (lo + hi) / 2 - 0.1, "@", ha="center", va="center", fontsize=8)
+    ax.text(0, -0.9, f"counts = {r.counts.tolist()}; the dropped slot sorts last (key E = {E}) and is never read; "
+            "the down projection scatters gate x row back into out[token]", fontsize=7)
+    _save(fig, out, "moe_grouping.svg")
+    plt.close(fig)
+
+
+def sinkhorn(out: Path):
+    """Imbalance of the routes vs the sharpness of the logits, per initialisation and stopping rule."""
+    from bench_sinkhorn import RULES, imbalance, make_logits
+
+    from minimamba_moe import fast
+
+    plt = _plt()
+    T, E = 4096, 8
+    stds = [0.1, 0.2, 0.3, 0.5, 0.7, 1.0, 1.5, 2.0, 3.0, 5.0]
+    argmax_only, results = [], {rule: ([], []) for rule in RULES}
+    for std in stds:
+        logits = make_logits(T, E, std, "cpu")
+        argmax_only.append(imbalance(logits.argmax(1), E))
+        for rule in RULES:
+            P, n = fast.sinkhorn(logits, init=rule[0], stopping=rule[1], max_iters=100)
+            results[rule][0].append(imbalance(P.argmax(1), E))
+            results[rule][1].append(int(n))
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 3.8))
+    a1.plot(stds, argmax_only, "k--", label="argmax of the logits (no Sinkhorn)")
+    styles = {("blackmamba", "absolute"): "o-", ("blackmamba", "marginal"): "s-", ("uniform", "absolute"): "^-",
+              ("uniform", "marginal"): "v:"}
+    for rule, (imb, passes) in results.items():
+        label = f"init {rule[0]}, stop {rule[1]}" + (" (as released)" if rule == ("blackmamba", "absolute") else "")
+        a1.plot(stds, imb, styles.get(rule, "o-"), label=label, ms=4)
+        a2.plot(stds, passes, styles.get(rule, "o-"), label=label, ms=4)
+    for a in (a1, a2):
+        a.set_xscale("log")
+        a.set_xlabel("router logit std (sharper ->)")
+        a.grid(alpha=0.3)
+    a1.set_ylabel("max load / mean load (1 = balanced)")
+    a1.set_title(f"imbalance of the routes, T = {T}, E = {E}")
+    a2.set_ylabel("Sinkhorn passes run (cap 100)")
+    a2.set_yscale("log")
+    a2.set_title("passes until the stopping rule fires")
+    a1.legend(fontsize=7)
+    _save(fig, out, "sinkhorn.svg")
+    plt.close(fig)
+
+
+FIGURES = {"architecture": architecture, "chunked_scan": chunked_scan, "moe_grouping": moe_grouping,
+           "sinkhorn": sinkhorn}
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent, help="output folder")
+    parser.add_argument("--only", choices=FIGURES, action="append", help="draw only this figure (repeatable)")
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(1)
+    for name in args.only or FIGURES:
+        FIGURES[name](args.out)
