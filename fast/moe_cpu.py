@@ -58,6 +58,7 @@ def _aligned(*tensors) -> bool:
     return True
 
 
+# --8<-- [start:grouped_mm]
 def grouped_mm(a, b, offsets):
     """Row group e of a (rows offsets[e] : offsets[e+1]) times b[e]: (n, K) x (E, K, M) -> (n, M)."""
     if _GROUPED_MM is not None and a.shape[0] > 0 and _aligned(a, b):
@@ -69,6 +70,7 @@ def grouped_mm(a, b, offsets):
         if hi > lo:
             torch.mm(a[lo:hi], b[e], out=out[lo:hi])
     return out
+# --8<-- [end:grouped_mm]
 
 
 def grouped_mm_t(a, b, offsets):
@@ -130,6 +132,7 @@ def act_backward(h, da, activation):
     return dh
 
 
+# --8<-- [start:experts_forward]
 def experts_forward(x, token, g, w1, w2, offsets, activation, out):
     """Sorted rows through their experts: h, a, y for rows x[token], g * y added into out (T, d).
 
@@ -141,6 +144,7 @@ def experts_forward(x, token, g, w1, w2, offsets, activation, out):
     y = grouped_mm(a, w2.transpose(1, 2), offsets)  # (R, d)
     out.index_add_(0, token, y.to(out.dtype).mul_(g.to(out.dtype)[:, None]))  # y is ours: scaled in place
     return h, a
+# --8<-- [end:experts_forward]
 
 
 BLOCK_BYTES = 8 << 20  # no-grad forward: rows per block so that one block of h is 8 MiB

@@ -22,6 +22,7 @@ from .moe_triton_fwd import launch_down, launch_up
 from .routing import group_by_expert
 
 
+# --8<-- [start:MoEExpertsTriton]
 class MoEExpertsTriton(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, expert_idx, gates, w1, w2, activation):
@@ -67,6 +68,7 @@ class MoEExpertsTriton(torch.autograd.Function):
             dw1.zero_()
             dw2.zero_()
         return dx.to(x.dtype), None, dgates.view(T, k).to(ctx.gates_dtype), dw1, dw2, None
+# --8<-- [end:MoEExpertsTriton]
 
 
 def moe_experts_triton(x, expert_idx, gates, w1, w2, activation="swiglu"):

@@ -29,6 +29,7 @@ import triton.language as tl
 from .moe_triton_fwd import BLOCK_K, BLOCK_N, _block_rows, _expert_dot, block_m
 
 
+# --8<-- [start:expert_down_bwd_kernel]
 @triton.jit
 def _expert_down_bwd_kernel(
     dout_ptr, w2_ptr, h_ptr, a_ptr, gates_ptr, dh_ptr, dgates_ptr, order_ptr, sorted_expert_ptr,
@@ -65,8 +66,10 @@ def _expert_down_bwd_kernel(
             fn, dfn = gate * cdf, cdf + gate * tl.exp(-0.5 * gate * gate) * 0.3989422804014327  # gelu, gelu'
         tl.store(dh_ptr + rows[:, None] * stride_hm + cols[None, :], (da * up * dfn).to(dtype), mask=mask)
         tl.store(dh_ptr + rows[:, None] * stride_hm + (f + cols)[None, :], (da * fn).to(dtype), mask=mask)
+# --8<-- [end:expert_down_bwd_kernel]
 
 
+# --8<-- [start:expert_wgrad_kernel]
 @triton.jit
 def _expert_wgrad_kernel(
     a_ptr, b_ptr, dw_ptr, gates_ptr, order_ptr, offsets_ptr,
@@ -97,6 +100,7 @@ def _expert_wgrad_kernel(
         acc = tl.dot(a_t, b, acc, input_precision="ieee")
     tl.store(dw_ptr + e * stride_we + ps[:, None] * stride_wp + qs[None, :] * stride_wq,
              acc.to(dw_ptr.dtype.element_ty), mask=p_ok[:, None] & q_ok[None, :])
+# --8<-- [end:expert_wgrad_kernel]
 
 
 BLOCK_P, BLOCK_Q, BLOCK_R = 64, 64, 32

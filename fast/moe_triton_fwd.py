@@ -51,6 +51,7 @@ def _expert_dot(acc, a_ptr, a_rows, stride_am, stride_ak, row_mask, b_ptr, strid
     return acc
 
 
+# --8<-- [start:block_rows]
 @triton.jit
 def _block_rows(order_ptr, sorted_expert_ptr, N, k, E, BLOCK_M: tl.constexpr):
     """This program's sorted rows: (rows, row_ok, expert, slot, token, e_first, e_last)."""
@@ -62,8 +63,10 @@ def _block_rows(order_ptr, sorted_expert_ptr, N, k, E, BLOCK_M: tl.constexpr):
     e_first = tl.min(expert, axis=0)
     e_last = tl.max(tl.where(kept, expert, -1), axis=0)  # -1 if nothing kept: no expert pass
     return rows, row_ok & kept, expert, slot, slot // k, e_first, e_last
+# --8<-- [end:block_rows]
 
 
+# --8<-- [start:expert_up_kernel]
 @triton.jit
 def _expert_up_kernel(
     x_ptr, w1_ptr, h_ptr, a_ptr, order_ptr, sorted_expert_ptr,
@@ -102,8 +105,10 @@ def _expert_up_kernel(
         else:
             out = 0.5 * gate * (1.0 + tl.erf(gate * 0.7071067811865476)) * up  # gelu(gate) * up
     tl.store(a_ptr + rows[:, None] * stride_am + cols[None, :], out.to(dtype), mask=mask)
+# --8<-- [end:expert_up_kernel]
 
 
+# --8<-- [start:expert_down_kernel]
 @triton.jit
 def _expert_down_kernel(
     a_ptr, w_ptr, out_ptr, gates_ptr, order_ptr, sorted_expert_ptr,
@@ -127,6 +132,7 @@ def _expert_down_kernel(
         y = y * tl.load(gates_ptr + slot, mask=kept, other=0.0).to(tl.float32)[:, None]
     tl.atomic_add(out_ptr + token[:, None] * stride_ot + cols[None, :] * stride_on, y,
                   mask=kept[:, None] & col_ok[None, :])
+# --8<-- [end:expert_down_kernel]
 
 
 BLOCK_N, BLOCK_K = 64, 32

@@ -35,6 +35,7 @@ class Routing(NamedTuple):
     offsets: torch.Tensor  # (E+1,) int64 first sorted row of each expert; offsets[E] = kept rows
 
 
+# --8<-- [start:group_by_expert]
 def group_by_expert(expert_idx: torch.Tensor, n_experts: int) -> Routing:
     """expert_idx (T, k), -1 = dropped -> Routing of the N = T * k slots, grouped by expert."""
     T, k = expert_idx.shape
@@ -47,3 +48,4 @@ def group_by_expert(expert_idx: torch.Tensor, n_experts: int) -> Routing:
     offsets = torch.zeros(E + 1, dtype=torch.int64, device=flat.device)  # (E+1,)
     offsets[1:] = torch.cumsum(counts[:E], 0)
     return Routing(order, sorted_expert, torch.div(order, k, rounding_mode="floor"), counts[:E], offsets)
+# --8<-- [end:group_by_expert]

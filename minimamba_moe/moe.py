@@ -50,6 +50,7 @@ class RouterStats:
     sinkhorn_iters: torch.Tensor  # () int64: Sinkhorn passes (0 when Sinkhorn did not run)
 
 
+# --8<-- [start:route_sinkhorn]
 def route_sinkhorn(logits: torch.Tensor, config: ModelConfig, training: bool):
     """logits (T, E) fp32 -> expert_idx (T, k), gates (T, k), sinkhorn_iters ()."""
     k = config.top_k
@@ -66,8 +67,10 @@ def route_sinkhorn(logits: torch.Tensor, config: ModelConfig, training: bool):
         expert_idx = logits.topk(k, dim=-1).indices  # sigmoid is monotone: same as argmax of sigmoid
     gates = torch.sigmoid(logits).gather(1, expert_idx)
     return expert_idx, gates, iters
+# --8<-- [end:route_sinkhorn]
 
 
+# --8<-- [start:route_switch]
 def route_switch(logits: torch.Tensor, config: ModelConfig, training: bool):
     """logits (T, E) fp32 -> expert_idx (T, k) with -1 for dropped slots, gates (T, k), aux_loss ()."""
     T, E = logits.shape
@@ -86,6 +89,7 @@ def route_switch(logits: torch.Tensor, config: ModelConfig, training: bool):
         expert_idx = torch.where(keep, expert_idx, torch.full_like(expert_idx, -1))
         gates = gates * keep
     return expert_idx, gates, aux
+# --8<-- [end:route_switch]
 
 
 class MoE(nn.Module):

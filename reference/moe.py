@@ -31,6 +31,7 @@ from ._checks import check_ndim, check_shape, compute_dtype
 ACTIVATIONS = ("swiglu", "geglu", "relu")
 
 
+# --8<-- [start:expert_mlp]
 def expert_mlp(x, w1, w2, activation):
     """One expert's MLP: act(x @ w1.T) @ w2.T, no biases.
 
@@ -63,8 +64,10 @@ def expert_mlp(x, w1, w2, activation):
     else:
         a = F.relu(h)  # (N, f)
     return a @ w2.T  # (N, d)
+# --8<-- [end:expert_mlp]
 
 
+# --8<-- [start:moe_experts]
 def moe_experts(x, expert_idx, gates, w1, w2, activation="swiglu"):
     """Send every (token, slot) to its expert and sum the gated outputs per token.
 
@@ -112,3 +115,4 @@ def moe_experts(x, expert_idx, gates, w1, w2, activation="swiglu"):
         y = y.to(acc) * gates[tokens, slots].to(acc)[:, None]  # (N, d)
         out = out.index_add(0, tokens, y)  # a token with several slots on e gets each added
     return out.to(x.dtype)
+# --8<-- [end:moe_experts]

@@ -53,6 +53,7 @@ INITS = ("blackmamba", "uniform")
 STOPPING_RULES = ("absolute", "marginal")
 
 
+# --8<-- [start:sinkhorn]
 def sinkhorn(logits, init="blackmamba", stopping="absolute", tol=1e-4, max_iters=100, eps=1e-8, logit_scale=2.0):
     """Balance exp(logit_scale * logits) to rows summing to 1/T and columns to 1/E.
 
@@ -103,3 +104,4 @@ def sinkhorn(logits, init="blackmamba", stopping="absolute", tol=1e-4, max_iters
 
     P = d0[:, None] * c * d1[None, :]  # (T, E)
     return P, torch.tensor(n_iters, dtype=torch.int64, device=logits.device)
+# --8<-- [end:sinkhorn]

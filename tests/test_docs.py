@@ -11,10 +11,24 @@ Checked, for every inline code span (`...`) outside fenced code blocks:
 
 Also: mkdocs.yml's nav lists exactly the pages in docs/. Paths a run creates (``out/...``,
 ``data_cache/...``, ``model.safetensors``) are not repository paths and are not checked.
-No imports of the package, no mkdocs: plain file reads, well under a second.
+
+Commands: every command in a ```bash block of a page is either
+- run by this file (``RUN_HERE``): all of them at once in subprocesses, and where the page shows
+  its output in the ```text block right after it, the output must be the page's (errors printed as
+  ``1e-06`` only need to be as small or smaller: the last bits differ between machines);
+- run by another test or by .ci/run (``RUN_ELSEWHERE``: the command, and the file and test that run
+  it, which must exist and name the command's script);
+- or marked on its line as not run here: ``# needs a GPU`` or ``# needs the network``.
+A listed command that no page shows any more is an error too, so the lists cannot go stale.
+The snippet sections the pages include are checked by the strict build (tests/test_docs_browser.py
+and .ci/run); this file checks plain file reads and the commands.
 """
 
+import os
 import re
+import shlex
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -107,3 +121,142 @@ def test_nav_lists_every_page():
     pages = {p.relative_to(DOCS).as_posix() for p in PAGES}
     assert nav == pages, f"in mkdocs.yml nav but not in docs/: {sorted(nav - pages)}; " \
                          f"in docs/ but not in nav: {sorted(pages - nav)}"
+
+
+# --- commands on the pages ----------------------------------------------------------------------
+
+BLOCK = re.compile(r"^(?P<indent>[ \t]*)```(?P<lang>[\w-]*)[^\n]*\n(?P<body>.*?)^(?P=indent)```[ \t]*$", re.S | re.M)
+SHELL = ("bash", "sh", "shell", "console")
+MARKED = re.compile(r"#\s*needs (a GPU|the network)\b")
+
+# Commands this file runs (from the repository root), the page's output compared where it shows one.
+RUN_HERE = {
+    "TRITON_INTERPRET=1 python docs/tutorial/scan_steps.py cumsum",
+    "TRITON_INTERPRET=1 python docs/tutorial/scan_steps.py recurrence",
+    "TRITON_INTERPRET=1 python docs/tutorial/scan_steps.py combine",
+    "TRITON_INTERPRET=1 python docs/tutorial/scan_steps.py chunked",
+    "TRITON_INTERPRET=1 python docs/tutorial/scan_steps.py backward",
+    "python docs/tutorial/moe_steps.py switch",
+    "python docs/tutorial/moe_steps.py sinkhorn",
+    "python docs/tutorial/moe_steps.py grouping",
+    "python docs/tutorial/moe_steps.py cpu",
+    "TRITON_INTERPRET=1 python docs/tutorial/moe_steps.py triton",
+}
+# Commands that write into the repository: run with --out into a temporary folder instead.
+WRITES = {"python docs/figures/make_figures.py": "--out {tmp}"}
+RUN_HERE |= set(WRITES)
+
+# Commands run elsewhere: command -> (file that runs it, test function in it or None for a script).
+RUN_ELSEWHERE = {
+    "python -m pytest -q": (".ci/run", None),
+    "python -m mkdocs build --strict": (".ci/run", None),
+    "python -m venv .venv && . .venv/bin/activate": (".ci/run", None),
+}
+
+
+def shell_commands(page: Path) -> list[tuple[str, str | None]]:
+    """(command, the text of the ```text block right after its block or None) for every shell line."""
+    text = page.read_text(encoding="utf-8")
+    blocks = list(BLOCK.finditer(text))
+    found = []
+    for i, m in enumerate(blocks):
+        if m.group("lang") not in SHELL:
+            continue
+        nxt = blocks[i + 1] if i + 1 < len(blocks) else None
+        output = None
+        if nxt is not None and nxt.group("lang") == "text" and not text[m.end():nxt.start()].strip():
+            output = dedent_block(nxt.group("body"), nxt.group("indent"))
+        lines, joined = dedent_block(m.group("body"), m.group("indent")).splitlines(), ""
+        for line in lines:
+            joined += line.rstrip("\\").rstrip() + " " if line.rstrip().endswith("\\") else line
+            if not line.rstrip().endswith("\\"):
+                if joined.strip() and not joined.strip().startswith("#"):
+                    found.append((joined.strip(), output))
+                joined = ""
+    return found
+
+
+def dedent_block(body: str, indent: str) -> str:
+    return "\n".join(line[len(indent):] if line.startswith(indent) else line for line in body.splitlines())
+
+
+def strip_comment(cmd: str) -> str:
+    """The command without a trailing `# comment` (outside quotes)."""
+    lexer = shlex.shlex(cmd, posix=True, punctuation_chars=False)
+    lexer.commenters = "#"
+    lexer.whitespace_split = True
+    try:
+        list(lexer)
+    except ValueError:
+        return cmd
+    quote = None
+    for i, ch in enumerate(cmd):
+        if quote:
+            quote = None if ch == quote else quote
+        elif ch in "'\"":
+            quote = ch
+        elif ch == "#" and (i == 0 or cmd[i - 1].isspace()):
+            return cmd[:i].rstrip()
+    return cmd
+
+
+ALL_COMMANDS = [(page, strip_comment(cmd), cmd, out) for page in PAGES for cmd, out in shell_commands(page)]
+
+
+def test_every_command_on_a_page_is_run_by_a_test_or_marked():
+    problems = [f"docs/{page.relative_to(DOCS).as_posix()}: {raw!r}" for page, cmd, raw, _ in ALL_COMMANDS
+                if cmd not in RUN_HERE and cmd not in RUN_ELSEWHERE and not MARKED.search(raw)]
+    assert not problems, ("commands on the pages that no test runs: add them to RUN_HERE / RUN_ELSEWHERE in "
+                          "tests/test_docs.py, or mark the line `# needs a GPU` / `# needs the network`:\n  "
+                          + "\n  ".join(problems))
+
+
+def test_every_listed_command_is_on_a_page_and_its_runner_exists():
+    shown = {cmd for _, cmd, _, _ in ALL_COMMANDS}
+    stale = sorted((RUN_HERE | set(RUN_ELSEWHERE)) - shown)
+    assert not stale, f"listed in tests/test_docs.py but on no page any more: {stale}"
+    for cmd, (where, test) in RUN_ELSEWHERE.items():
+        source = (ROOT / where).read_text(encoding="utf-8")
+        script = next((w for w in cmd.split() if w.endswith(".py") or w in ("pytest", "mkdocs", "venv", "torchrun")), None)
+        assert script and script in source, f"{where} does not run {script!r} (listed for {cmd!r})"
+        if test:
+            assert re.search(rf"^def {test}\(", source, re.M), f"{where} has no test {test} (listed for {cmd!r})"
+
+
+ERR = re.compile(r"(?<![\w.])(0|\d(?:\.\d+)?e[-+]\d+)(?![\w.])")
+
+
+def normalise(text: str) -> tuple[str, list[float]]:
+    """The text with every printed error replaced by a placeholder, and the errors."""
+    return ERR.sub("<err>", text.strip()), [float(m) for m in ERR.findall(text)]
+
+
+@pytest.fixture(scope="module")
+def command_runs(tmp_path_factory):
+    """Start every RUN_HERE command shown on a page at once; wait for them all (about 15 s on 2 cores)."""
+    tmp = tmp_path_factory.mktemp("commands")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")  # `python` = this one
+    procs = {}
+    for cmd in sorted({c for _, c, _, _ in ALL_COMMANDS if c in RUN_HERE}):
+        full = cmd + (" " + WRITES[cmd].format(tmp=tmp) if cmd in WRITES else "")
+        procs[cmd] = subprocess.Popen(full, shell=True, cwd=ROOT, env=env, text=True,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    return {cmd: (p.wait(timeout=300), *p.communicate()) for cmd, p in procs.items()}
+
+
+RUN_HERE_SHOWN = [(page, cmd, out) for page, cmd, _, out in ALL_COMMANDS if cmd in RUN_HERE]
+
+
+@pytest.mark.parametrize("page,cmd,shown", RUN_HERE_SHOWN, ids=[c for _, c, _ in RUN_HERE_SHOWN])
+def test_command_runs_and_prints_what_the_page_shows(command_runs, page, cmd, shown):
+    rc, stdout, stderr = command_runs[cmd]
+    assert rc == 0, f"{cmd!r} (docs/{page.relative_to(DOCS).as_posix()}) exited {rc}:\n{stderr}"
+    if shown is None:
+        return
+    got, got_errs = normalise(stdout)
+    want, want_errs = normalise(shown)
+    assert got == want, (f"docs/{page.relative_to(DOCS).as_posix()} shows an output of {cmd!r} that it no longer "
+                         f"prints; paste the new output:\n--- page\n{shown}\n--- now\n{stdout}")
+    worse = [(g, w) for g, w in zip(got_errs, want_errs) if g > max(10 * w, 1e-5)]
+    assert not worse, f"{cmd!r}: errors grew well past what the page shows (now, page): {worse}"

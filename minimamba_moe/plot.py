@@ -1,0 +1,150 @@
+"""Plot a training run from its metrics.jsonl: the loss curves and the load of every expert.
+
+    python -m minimamba_moe.plot out/                      # writes out/run.png
+    python -m minimamba_moe.plot out/ --out run.svg        # any matplotlib format, by suffix
+
+train.py writes one JSON object per line to ``<out_dir>/metrics.jsonl``: per training step
+``step``, ``loss``, ``aux_loss``, ``lr``, ``grad_norm``, ``tokens_per_s``, and for MoE models
+``tokens_per_expert`` (one list of E counts per MoE layer) and ``dropped`` (one count per MoE
+layer); per evaluation ``step`` and ``val_loss``. Three panels:
+
+1. train and validation loss against step;
+2. expert load imbalance per MoE layer, max load / mean load over the layer's experts (1 = every
+   expert got the same number of token-slots), smoothed over a few steps;
+3. the load of every expert of every MoE layer, as a share of its layer's token-slots, summed
+   over the last quarter of the run (a heat map: rows are layers, columns experts).
+
+Needs matplotlib (``pip install -e ".[plots]"``), imported only when plotting.
+"""
+
+import argparse
+import json
+import math
+import os
+import sys
+from pathlib import Path
+
+
+class PlotError(Exception):
+    """Bad input: the message says what is wrong and how to fix it."""
+
+
+def read_metrics(path: Path) -> tuple[list[dict], list[dict]]:
+    """(training-step records, evaluation records) of a metrics.jsonl; a torn last line is skipped."""
+    if path.is_dir():
+        path = path / "metrics.jsonl"
+    if not path.is_file():
+        raise PlotError(f"{path} does not exist: pass the out_dir of a train.py run (it holds metrics.jsonl)")
+    lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+    train, evals = [], []
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            r = json.loads(line)
+        except json.JSONDecodeError:
+            if i == len(lines) - 1:
+                continue  # a run killed mid-write leaves a torn last line
+            raise PlotError(f"{path}:{i + 1} is not JSON: every line of metrics.jsonl must be one JSON object")
+        if not isinstance(r, dict) or "step" not in r:
+            raise PlotError(f"{path}:{i + 1} has no 'step': is this a metrics.jsonl written by train.py?")
+        (evals if "val_loss" in r and "loss" not in r else train).append(r)
+    if not train and not evals:
+        raise PlotError(f"{path} holds no records yet: plot it after the run has taken a step")
+    return train, evals
+
+
+def _smooth(values: list[float], width: int) -> list[float]:
+    out, acc = [], 0.0
+    for i, v in enumerate(values):
+        acc += v
+        if i >= width:
+            acc -= values[i - width]
+        out.append(acc / min(i + 1, width))
+    return out
+
+
+def imbalance(counts: list[int]) -> float:
+    """max / mean of one layer's token-slots per expert (1 = balanced); nan if it saw no tokens."""
+    total = sum(counts)
+    return max(counts) * len(counts) / total if total else math.nan
+
+
+def plot_run(run: Path, out: Path) -> Path:
+    """Draw the run's figure into ``out`` (written to a temporary file, then renamed)."""
+    train, evals = read_metrics(run)
+    try:
+        import matplotlib
+    except ImportError:
+        raise PlotError("matplotlib is not installed: pip install -e '.[plots]'") from None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    moe = [r for r in train if r.get("tokens_per_expert")]
+    fig, axes = plt.subplots(1, 3 if moe else 1, figsize=(15 if moe else 5.5, 4), squeeze=False)
+    ax = axes[0][0]
+    steps = [r["step"] for r in train if r.get("loss") is not None]
+    losses = [r["loss"] for r in train if r.get("loss") is not None]
+    if steps:
+        ax.plot(steps, losses, lw=0.8, alpha=0.4, color="C0")
+        ax.plot(steps, _smooth(losses, max(1, len(losses) // 50)), color="C0", label="train loss (smoothed)")
+    ev = [r for r in evals if r.get("val_loss") is not None]
+    if ev:
+        ax.plot([r["step"] for r in ev], [r["val_loss"] for r in ev], "o-", color="C1", ms=3, label="val loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("cross-entropy (nats / token)")
+    ax.set_title("loss")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    if moe:
+        n_layers = len(moe[0]["tokens_per_expert"])
+        ax = axes[0][1]
+        width = max(1, len(moe) // 50)
+        for layer in range(n_layers):
+            imb = [imbalance(r["tokens_per_expert"][layer]) for r in moe]
+            ax.plot([r["step"] for r in moe], _smooth(imb, width), lw=1, label=f"MoE layer {layer}")
+        ax.axhline(1.0, color="black", lw=0.8, ls="--")
+        ax.set_xlabel("step")
+        ax.set_ylabel("max load / mean load")
+        ax.set_title("expert load imbalance (1 = balanced)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+        ax = axes[0][2]
+        tail = moe[-max(1, len(moe) // 4):]
+        share = []
+        for layer in range(n_layers):
+            sums = [sum(r["tokens_per_expert"][layer][e] for r in tail) for e in range(len(tail[0]["tokens_per_expert"][layer]))]
+            total = sum(sums) or 1
+            share.append([s / total for s in sums])
+        im = ax.imshow(share, aspect="auto", cmap="viridis", vmin=0)
+        ax.set_xticks(range(len(share[0])))
+        ax.set_yticks(range(n_layers))
+        ax.set_xlabel("expert")
+        ax.set_ylabel("MoE layer")
+        ax.set_title(f"share of token-slots, steps {tail[0]['step']}..{tail[-1]['step']}")
+        fig.colorbar(im, ax=ax)
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.stem}.tmp{out.suffix}")
+    fig.savefig(tmp, dpi=110, metadata={"Date": None} if out.suffix == ".svg" else None)
+    plt.close(fig)
+    os.replace(tmp, out)
+    return out
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m minimamba_moe.plot", description=__doc__.splitlines()[0])
+    parser.add_argument("run", type=Path, help="a train.py out_dir (or its metrics.jsonl)")
+    parser.add_argument("--out", type=Path, help="the figure to write (default: <run>/run.png); format by suffix")
+    args = parser.parse_args(argv)
+    out = args.out or (args.run if args.run.is_dir() else args.run.parent) / "run.png"
+    try:
+        print(f"wrote {plot_run(args.run, out)}")
+    except PlotError as e:
+        print(f"python -m minimamba_moe.plot: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
