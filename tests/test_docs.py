@@ -148,9 +148,15 @@ RUN_HERE |= set(WRITES)
 
 # Commands run elsewhere: command -> (file that runs it, test function in it or None for a script).
 RUN_ELSEWHERE = {
-    "python -m pytest -q": (".ci/run", None),
-    "python -m mkdocs build --strict": (".ci/run", None),
     "python -m venv .venv && . .venv/bin/activate": (".ci/run", None),
+    "python -m pytest -q": (".ci/run", None),
+    "python train.py": ("tests/test_train.py", "test_quick_start_writes_a_loadable_checkpoint"),
+    "python train.py --resume": ("tests/test_train.py", "test_resume_continues_bitwise"),
+    "python train.py --help": ("tests/test_train.py", "test_help_lists_every_setting"),
+    "python -m minimamba_moe.plot out/": ("tests/test_plot.py", "test_the_page_command_draws_the_run"),
+    "python sample.py": ("tests/test_sample.py", "test_sample_py_default_checkpoint_stdin_and_prompt_file"),
+    'echo "def " | python sample.py --temperature 0.7 --top_k 50':
+        ("tests/test_sample.py", "test_sample_py_default_checkpoint_stdin_and_prompt_file"),
 }
 
 
@@ -217,7 +223,9 @@ def test_every_listed_command_is_on_a_page_and_its_runner_exists():
     assert not stale, f"listed in tests/test_docs.py but on no page any more: {stale}"
     for cmd, (where, test) in RUN_ELSEWHERE.items():
         source = (ROOT / where).read_text(encoding="utf-8")
-        script = next((w for w in cmd.split() if w.endswith(".py") or w in ("pytest", "mkdocs", "venv", "torchrun")), None)
+        words = cmd.split()
+        modules = [words[i + 1] for i, w in enumerate(words[:-1]) if w == "-m"]  # python -m <module>
+        script = next((w for w in words if w.endswith(".py")), None) or (modules[0] if modules else None)
         assert script and script in source, f"{where} does not run {script!r} (listed for {cmd!r})"
         if test:
             assert re.search(rf"^def {test}\(", source, re.M), f"{where} has no test {test} (listed for {cmd!r})"
