@@ -268,3 +268,14 @@ def test_command_runs_and_prints_what_the_page_shows(command_runs, page, cmd, sh
                          f"prints; paste the new output:\n--- page\n{shown}\n--- now\n{stdout}")
     worse = [(g, w) for g, w in zip(got_errs, want_errs) if g > max(10 * w, 1e-5)]
     assert not worse, f"{cmd!r}: errors grew well past what the page shows (now, page): {worse}"
+
+
+def test_api_pages_document_every_op_of_both_backends():
+    """Every name in ops.OP_NAMES (read from the source, no import) has an entry on both kernel pages."""
+    ops_src = (ROOT / "minimamba_moe" / "ops.py").read_text(encoding="utf-8")
+    names = re.findall(r'"(\w+)"', re.search(r"OP_NAMES\s*=\s*\((.*?)\)", ops_src, re.S).group(1))
+    assert len(names) >= 6, f"could not read OP_NAMES from minimamba_moe/ops.py: {names}"
+    for page, package in (("api/reference.md", "reference"), ("api/fast.md", "fast")):
+        text = (DOCS / page).read_text(encoding="utf-8")
+        missing = [n for n in names if not re.search(rf"^::: {package}\.\w+\.{n}$", text, re.M)]
+        assert not missing, f"docs/{page} has no `::: {package}.<module>.<op>` entry for {missing}"

@@ -1,0 +1,69 @@
+"""The Mamba block on a CPU: its shapes, and its decode state (the companion script of docs/mamba-block.md).
+
+    python docs/tutorial/mamba_steps.py shapes   # every tensor of one forward pass, with its shape
+    python docs/tutorial/mamba_steps.py decode   # prefill + one token at a time == one forward pass
+
+Runs the project's own MambaMixer (minimamba_moe/mamba.py) on the tiny preset's sizes;
+tests/test_docs.py runs both commands and checks that the page shows their output.
+"""
+
+import argparse
+
+import torch
+
+from minimamba_moe import ModelConfig
+from minimamba_moe.mamba import MambaMixer
+
+
+def err(a, b):
+    e = (a.double() - b.double()).abs().max().item()
+    return "0" if e == 0 else f"{e:.0e}"
+
+
+def step_shapes():
+    # --8<-- [start:shapes-run]
+    config = ModelConfig.from_preset("tiny")  # d_model 128 -> d_inner 256, d_state 16, dt_rank 8
+    mixer = MambaMixer(config)
+    for name, p in mixer.named_parameters():
+        print(f"{name:16s} {str(tuple(p.shape)):14s} {p.dtype}")
+    shapes = {}  # the output of every submodule called as a module, recorded as forward runs
+
+    def record(module, args, out):
+        shapes[names[module]] = tuple(out.shape)
+
+    names = {module: name for name, module in mixer.named_children()}
+    for module in names:
+        module.register_forward_hook(record)
+    hidden = torch.randn(2, 10, config.d_model)  # (b, l, d_model)
+    out, _ = mixer(hidden)
+    print("hidden", tuple(hidden.shape), "->", ", ".join(f"{k} {v}" for k, v in shapes.items()),
+          "-> out", tuple(out.shape))
+    # --8<-- [end:shapes-run]
+
+
+def step_decode():
+    # --8<-- [start:decode-run]
+    torch.manual_seed(0)
+    config = ModelConfig.from_preset("tiny", backend="reference")
+    mixer = MambaMixer(config)
+    hidden = torch.randn(1, 12, config.d_model)  # one sequence of 12 positions
+    whole, _ = mixer(hidden)  # no state: one pass over the sequence
+    state = mixer.init_state(batch_size=1)
+    print("state: conv", tuple(state.conv.shape), "ssm", tuple(state.ssm.shape))
+    outs = [mixer(hidden[:, :3], state)[0]]  # prefill the first 3 positions: state updated in place
+    for t in range(3, 12):  # then one position at a time
+        outs.append(mixer(hidden[:, t:t + 1], state)[0])
+    stepped = torch.cat(outs, dim=1)
+    print(f"prefill 3 + 9 single steps vs one forward pass: max |difference| = {err(stepped, whole)}")
+    print("state after 12 positions: conv", tuple(state.conv.shape), "ssm", tuple(state.ssm.shape),
+          f"({state.conv.numel() * 4 + state.ssm.numel() * 4} bytes, whatever the length)")
+    # --8<-- [end:decode-run]
+
+
+STEPS = {"shapes": step_shapes, "decode": step_decode}
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("step", choices=STEPS)
+    torch.set_num_threads(1)
+    STEPS[parser.parse_args().step]()
