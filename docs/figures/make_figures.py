@@ -79,7 +79,7 @@ def architecture(out: Path):
         c = ModelConfig.from_preset(name)
         pattern, repeats = c.layer_pattern, c.n_layer // len(c.layer_pattern)
         ax.set_xlim(-0.3, 5.0)
-        ax.set_ylim(-0.4, 3.4 + 2.2 * len(pattern))
+        ax.set_ylim(-0.4, 3.2 + 2.2 * len(pattern))
         ax.axis("off")
         ax.set_title(f"{name}\n{c.n_layer} layers = ({', '.join(pattern)}) x {repeats}", fontsize=9)
         top = 2.6 + 2.2 * len(pattern)
@@ -119,8 +119,8 @@ def architecture(out: Path):
         ax.text(-0.25, 0.9 + 1.1 * len(pattern), f"x {repeats}", fontsize=9, fontweight="bold", rotation=90, va="center")
         ax.plot([-0.05, -0.05], [1.0, y - 0.3], color="#999999", lw=1, ls="--")
         final = c.final_norm if c.final_norm != "none" else "no final norm"
-        _box(ax, 0.0, top, 1.2, 0.45, final, COLORS["norm"], "black", 7)
-        ax.text(1.3, top + 0.22, "-> LM head -> logits (b, l, vocab)", fontsize=7, va="center")
+        _box(ax, 0.0, top, 1.5, 0.45, final, COLORS["norm"], "black", 7)
+        ax.text(1.6, top + 0.22, "-> LM head -> logits", fontsize=7, va="center")
     _save(fig, out, "architecture.svg")
     plt.close(fig)
 # --8<-- [end:architecture]
