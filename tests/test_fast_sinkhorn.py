@@ -15,7 +15,7 @@ from hypothesis import assume, given
 from hypothesis import strategies as st
 
 from minimamba_moe import fast, reference
-from minimamba_moe.reference.sinkhorn import INITS, STOPPING_RULES
+from minimamba_moe.reference.checks import SINKHORN_INITS as INITS, SINKHORN_STOPPINGS as STOPPING_RULES
 from tests.helpers import assert_close
 
 MAX_ITERS = 40
