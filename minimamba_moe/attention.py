@@ -56,7 +56,7 @@ class CausalSelfAttention(nn.Module):
         return KVCache(torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype))
 
     def forward(self, x: torch.Tensor, state: KVCache | None = None) -> tuple[torch.Tensor, None]:
-        """x (b, l, d) -> ((b, l, d), None). With ``state``, x sits after the cached positions: read and extend the cache."""
+        """x (b, l, d) -> ((b, l, d), None). With ``state``, x follows the cached positions: read and extend the cache."""
         b, l, d = x.shape
         pos = 0 if state is None else state.seq_len
         q, k, v = self.qkv(x).view(b, l, 3, self.n_head, d // self.n_head).permute(2, 0, 3, 1, 4)  # (b,h,l,hd)

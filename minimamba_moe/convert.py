@@ -1,6 +1,7 @@
 """Load Zyphra's released BlackMamba weights (pytorch_model.bin) into our Model.
 
-The file is ``{"model": state_dict}`` in bf16 with these keys (docs/paper-facts.md#released-checkpoints), i = layer, e = expert:
+The file is ``{"model": state_dict}`` in bf16 with these keys (docs/paper-facts.md#released-checkpoints),
+i = layer, e = expert:
 
     embedding.word_embeddings.weight                        (V, d)   also the output head (tied)
     decoder.layers.{i}.norm.weight                          (d,)     RMSNorm before every mixer
@@ -27,7 +28,8 @@ Mapping onto minimamba_moe (same names as Zyphra's inside the Mamba mixer):
 
 Every size is read off the tensors; the result reports the preset it matches (blackmamba-1.5b,
 blackmamba-2.8b) or "custom". Weights stay in bf16 as stored (or ``dtype``), except A_log and D,
-which are upcast to fp32 (docs/paper-facts.md#initialization). Routing at inference is the argmax of the router's sigmoid.
+which are upcast to fp32 (docs/paper-facts.md#initialization). Routing at inference is the argmax
+of the router's sigmoid.
 
 **GeGLU by default.** The paper says the experts are SwiGLU; the released inference code applies
 GELU to the gate half (GeGLU), and that is what the released weights were run with. So

@@ -57,7 +57,7 @@ class MambaMixer(nn.Module):
 
     @torch.no_grad()
     def reset_ssm_parameters(self) -> None:
-        """S4D-real A, D = 1, dt log-uniform in [dt_min, dt_max] through inverse softplus (docs/paper-facts.md#initialization)."""
+        """S4D-real A, D = 1, dt log-uniform in [dt_min, dt_max] via inverse softplus (docs/paper-facts.md#initialization)."""
         c, di, n = self.config, self.config.d_inner, self.config.d_state
         self.A_log.copy_(torch.log(torch.arange(1, n + 1, dtype=torch.float32)).expand(di, n))
         self.D.fill_(1.0)

@@ -10,12 +10,13 @@ Glossary (code name -> paper symbol):
                  w1 (E, 2*f, d) gate rows then up rows (SwiGLU / GeGLU), or (E, f, d) (ReLU); w2 (E, d, f)
 
 Routers:
-- ``route_sinkhorn`` (BlackMamba, docs/paper-facts.md#router-and-sinkhorn): gate = sigmoid(logit) of the chosen expert; in training
-  the expert is the argmax of the Sinkhorn-balanced matrix over the local batch (no gradient
-  through the choice, only through the sigmoid); at inference the argmax of the sigmoid. No
-  capacity limit, nothing dropped, no auxiliary loss.
-- ``route_switch`` (MoE-Mamba section 3 with Switch Transformer section 2.1-2.2; docs/paper-facts.md#switch-router): softmax over experts, top-k, the
-  chosen probability is the gate; in training at most ``int(cf * T * k / E)`` token-slots per
+- ``route_sinkhorn`` (BlackMamba, docs/paper-facts.md#router-and-sinkhorn): gate = sigmoid(logit)
+  of the chosen expert; in training the expert is the argmax of the Sinkhorn-balanced matrix over
+  the local batch (no gradient through the choice, only through the sigmoid); at inference the
+  argmax of the sigmoid. No capacity limit, nothing dropped, no auxiliary loss.
+- ``route_switch`` (MoE-Mamba section 3, Switch Transformer sections 2.1-2.2;
+  docs/paper-facts.md#switch-router): softmax over experts, top-k, the chosen probability is the
+  gate; in training at most ``int(cf * T * k / E)`` token-slots per
   expert, in token order (all first choices before second choices), the rest dropped (they
   produce zero and ride the residual); auxiliary loss ``alpha * E * sum_e mean_t(p[t, e]) * f_e``
   with f_e the fraction of token-slots routed to e. At inference there is no capacity limit, so a
@@ -162,5 +163,6 @@ class MLP(Stateless):
 
     def forward(self, x: torch.Tensor, state: None = None) -> tuple[torch.Tensor, None]:
         shape = x.shape
-        mlp = get_ops(self.config.backend).expert_mlp
-        return mlp(x.reshape(-1, shape[-1]), self.fc1.weight, self.fc2.weight, self.config.mlp_activation).view(shape), None
+        out = get_ops(self.config.backend).expert_mlp(
+            x.reshape(-1, shape[-1]), self.fc1.weight, self.fc2.weight, self.config.mlp_activation)
+        return out.view(shape), None

@@ -21,8 +21,8 @@ Options (docs/paper-facts.md#router-and-sinkhorn):
   row marginals (columns are exact right after the d1 update), which is scale-free.
 - ``logit_scale``: released BlackMamba uses exp(2 * logits); Megatron-LM upstream exp(logits).
 
-The finding (BlackMamba's "novel initialization", section "Design"), stated rather than hidden: with the blackmamba init, d1 starts at
-1 / (E * colsum(c)), which is O(1 / (E * T * mean(c))). Both d1_old and the updated d1 are that small,
+The finding about BlackMamba's "novel initialization" (docs/paper-facts.md#router-and-sinkhorn),
+stated rather than hidden: with the blackmamba init, d1 starts at 1 / (E * colsum(c)), which is O(1 / (E * T * mean(c))). Both d1_old and the updated d1 are that small,
 so their mean absolute difference is below tol = 1e-4 as soon as E * T * mean(c) is beyond about
 1e4 — i.e. for any realistic batch the released absolute rule stops after exactly one pass,
 whatever the logits. "Converges in one iteration" is then an artifact of an absolute tolerance on a
