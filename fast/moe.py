@@ -47,7 +47,8 @@ def moe_experts(x, expert_idx, gates, w1, w2, activation="swiglu"):
 
     Raises:
         ValueError: on an unknown activation, a shape mismatch, a non-integer expert_idx or an
-            index outside [-1, E).
+            index outside [-1, E). (The fast backend on CUDA tensors skips the index check, which
+            would cost a host sync per call, and drops such slots instead.)
     """
     E = check_moe_experts(x, expert_idx, gates, w1, w2, activation)[3]
     if x.is_cuda and x.dtype != torch.float64 and moe_experts_triton is not None:

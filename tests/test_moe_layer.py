@@ -6,6 +6,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from minimamba_moe import ModelConfig
+from minimamba_moe.config import ACTIVATIONS
 from minimamba_moe.moe import MLP, MoE
 from minimamba_moe.reference import sinkhorn
 from tests.helpers import assert_close
@@ -24,7 +25,7 @@ def make_moe(seed=0, **fields) -> MoE:
 moe_fields = st.fixed_dictionaries({
     "n_experts": st.integers(1, 6),
     "router": st.sampled_from(["switch", "sinkhorn"]),
-    "mlp_activation": st.sampled_from(["swiglu", "geglu", "relu"]),
+    "mlp_activation": st.sampled_from(ACTIVATIONS),
     "seed": st.integers(0, 2**16),
 }).flatmap(lambda d: st.fixed_dictionaries({
     **{k: st.just(v) for k, v in d.items()},
@@ -76,7 +77,7 @@ def test_normalize_top_k_makes_gates_sum_to_one():
     assert_close(gates.sum(-1), torch.ones(20), atol=1e-6, rtol=0, what="gate sums")
 
 
-@pytest.mark.parametrize("activation", ["swiglu", "geglu", "relu"])
+@pytest.mark.parametrize("activation", ACTIVATIONS)
 def test_one_expert_equals_the_dense_mlp(activation):
     """E = 1, switch router: the softmax over one expert is 1, so the layer is the dense MLP."""
     moe = make_moe(n_experts=1, mlp_activation=activation, d_expert=12)
