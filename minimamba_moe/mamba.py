@@ -1,4 +1,4 @@
-"""The Mamba mixer: one selective-SSM layer (Gu & Dao 2023; SPEC §1).
+"""The Mamba mixer: one selective-SSM layer (Gu & Dao 2023, section 3; docs/paper-facts.md#mamba-mixer).
 
 Glossary (code name -> paper symbol):
     x          input sequence after in_proj and the causal conv  x_t     (b, l, d_inner)
@@ -10,8 +10,10 @@ Glossary (code name -> paper symbol):
     h          recurrent state                                    h_t     (b, d_inner, d_state)
     dt_rank    rank of the low-rank projection producing Δ        R
 
-Where the official code does the same: mamba_ssm/modules/mamba_simple.py (class Mamba: forward,
-step, allocate_inference_cache). The kernels come from ``get_ops(config.backend)``.
+Called as every mixer is: ``mixer(hidden, state=None) -> (out, None)``. Given a state and one
+token, it runs the one-token kernels (``_step``); otherwise the whole-sequence ones, starting
+from the state if given. Where the official code does the same: mamba_ssm/modules/mamba_simple.py
+(class Mamba: forward, step, allocate_inference_cache). The kernels come from ``get_ops(config.backend)``.
 """
 
 from __future__ import annotations
@@ -27,12 +29,14 @@ from .config import ModelConfig
 from .ops import get_ops
 
 
+# --8<-- [start:MambaState]
 @dataclass
 class MambaState:
     """Recurrent state of one Mamba layer; its size does not depend on how many tokens were seen."""
 
     conv: torch.Tensor  # (b, d_inner, d_conv): the last d_conv conv inputs, zeros before the first
     ssm: torch.Tensor  # (b, d_inner, d_state), fp32: h after the last token
+# --8<-- [end:MambaState]
 
 
 class MambaMixer(nn.Module):
@@ -53,9 +57,10 @@ class MambaMixer(nn.Module):
             p._no_weight_decay = True
         self.reset_ssm_parameters()
 
+    # --8<-- [start:reset_ssm_parameters]
     @torch.no_grad()
     def reset_ssm_parameters(self) -> None:
-        """SPEC §1 init: S4D-real A, D = 1, dt log-uniform in [dt_min, dt_max] through inverse softplus."""
+        """S4D-real A, D = 1, dt log-uniform in [dt_min, dt_max] via inverse softplus (docs/paper-facts.md#initialization)."""
         c, di, n = self.config, self.config.d_inner, self.config.d_state
         self.A_log.copy_(torch.log(torch.arange(1, n + 1, dtype=torch.float32)).expand(di, n))
         self.D.fill_(1.0)
@@ -64,6 +69,7 @@ class MambaMixer(nn.Module):
         dt = torch.exp(torch.rand(di) * (math.log(c.dt_max) - math.log(c.dt_min)) + math.log(c.dt_min))
         dt = dt.clamp(min=c.dt_init_floor)
         self.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # softplus(bias) == dt
+    # --8<-- [end:reset_ssm_parameters]
 
     def init_state(self, batch_size: int, device=None, dtype=None) -> MambaState:
         c = self.config
@@ -74,14 +80,19 @@ class MambaMixer(nn.Module):
             ssm=torch.zeros(batch_size, c.d_inner, c.d_state, device=device, dtype=torch.float32),
         )
 
+    # --8<-- [start:dt_B_C]
     def _dt_B_C(self, x: torch.Tensor):
         """x (..., d_inner) -> delta without bias (..., d_inner), B (..., n), C (..., n)."""
         r, n = self.config.dt_rank, self.config.d_state
         dt_low, B, C = self.x_proj(x).split([r, n, n], dim=-1)
         return F.linear(dt_low, self.dt_proj.weight), B, C  # bias is applied inside the scan
+    # --8<-- [end:dt_B_C]
 
-    def forward(self, hidden: torch.Tensor, state: MambaState | None = None) -> torch.Tensor:
-        """hidden (b, l, d_model) -> (b, l, d_model). With ``state``, start from it and update it in place."""
+    # --8<-- [start:forward]
+    def forward(self, hidden: torch.Tensor, state: MambaState | None = None) -> tuple[torch.Tensor, None]:
+        """hidden (b, l, d_model) -> ((b, l, d_model), None). With ``state``, start from it and update it in place."""
+        if state is not None and hidden.shape[1] == 1:
+            return self._step(hidden[:, 0], state)[:, None], None
         ops = get_ops(self.config.backend)
         k = self.config.d_conv
         x, z = self.in_proj(hidden).chunk(2, dim=-1)  # (b, l, d_inner) each
@@ -104,9 +115,11 @@ class MambaMixer(nn.Module):
         if state is not None:
             y, last = y
             state.ssm.copy_(last)
-        return self.out_proj(y.transpose(1, 2))  # (b, l, d_model)
+        return self.out_proj(y.transpose(1, 2)), None  # (b, l, d_model)
+    # --8<-- [end:forward]
 
-    def step(self, hidden: torch.Tensor, state: MambaState) -> torch.Tensor:
+    # --8<-- [start:step]
+    def _step(self, hidden: torch.Tensor, state: MambaState) -> torch.Tensor:
         """One token: hidden (b, d_model) -> (b, d_model); ``state`` is updated in place."""
         ops = get_ops(self.config.backend)
         x, z = self.in_proj(hidden).chunk(2, dim=-1)  # (b, d_inner) each
@@ -119,3 +132,4 @@ class MambaMixer(nn.Module):
             state.ssm, x, delta, A, B, C, self.D.float(), z, dt_bias=self.dt_proj.bias.float(), dt_softplus=True
         )
         return self.out_proj(y)
+    # --8<-- [end:step]

@@ -141,6 +141,8 @@ RUN_HERE = {
     "python docs/tutorial/moe_steps.py grouping",
     "python docs/tutorial/moe_steps.py cpu",
     "TRITON_INTERPRET=1 python docs/tutorial/moe_steps.py triton",
+    "python docs/tutorial/mamba_steps.py shapes",
+    "python docs/tutorial/mamba_steps.py decode",
 }
 # Commands that write into the repository: run with --out into a temporary folder instead.
 WRITES = {"python docs/figures/make_figures.py": "--out {tmp}"}

@@ -28,7 +28,8 @@ import triton  # noqa: E402  (after the check: the interpreter is chosen when tr
 import triton.language as tl  # noqa: E402
 
 from minimamba_moe import reference  # noqa: E402
-from minimamba_moe.fast.scan_triton import _combine, selective_scan_triton  # noqa: E402
+from minimamba_moe.fast.scan_triton import selective_scan_triton
+from minimamba_moe.fast.scan_triton_chunk import _combine  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
