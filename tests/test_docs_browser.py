@@ -7,7 +7,8 @@ For every HTML page of `mkdocs build --strict` (served from 127.0.0.1 by a threa
 - every formula is rendered: no `arithmatex` placeholder is left, no raw TeX delimiter or TeX
   command shows in the page's visible text, every `<math>` element has a non-empty box and no
   `<merror>`;
-- every image loads (complete, natural width > 0).
+- every image loads (complete, natural width > 0);
+- no `--8<--` is shown (a code include pymdownx.snippets did not expand, e.g. mis-indented).
 
 Needs the `docs` and `docs-test` extras (mkdocs, playwright) and Debian's `chromium` at
 /usr/bin/chromium (Playwright's own browser download does not work here). Without them the test
@@ -102,7 +103,7 @@ def test_every_page_loads_offline_with_math_and_figures(site):
                 const vis = document.querySelector('article') || document.body;
                 const maths = [...document.querySelectorAll('article math')];
                 return {
-                  text: vis.innerText,
+                  snippetMarks: (vis.innerText.match(/--8<--/g) || []).length,
                   placeholders: document.querySelectorAll('.arithmatex').length,
                   maths: maths.length,
                   emptyMath: maths.filter(m => { const r = m.getBoundingClientRect(); return r.width <= 0 || r.height <= 0; }).length,
@@ -110,6 +111,8 @@ def test_every_page_loads_offline_with_math_and_figures(site):
                   images: [...document.images].map(i => [i.currentSrc || i.src, i.complete && i.naturalWidth > 0]),
                 };
             }""")
+            if check["snippetMarks"]:
+                here.append(f"{check['snippetMarks']} '--8<--' lines shown: a code include that did not happen")
             if check["placeholders"]:
                 here.append(f"{check['placeholders']} math placeholders not converted to MathML")
             if check["emptyMath"] or check["merror"]:
