@@ -235,6 +235,7 @@ def main(argv=None) -> None:
     print(report, file=sys.stderr)
 
 
+ERRORS = (SampleError, CheckpointError, ConfigError, TokenizerError, MemoryCheckError)  # each reported in one line
+
 if __name__ == "__main__":
-    sys.exit(run_main(main, sys.argv[1:], "sample.py", (UsageError,),
-                      (SampleError, CheckpointError, ConfigError, TokenizerError, MemoryCheckError)))
+    sys.exit(run_main(main, sys.argv[1:], "sample.py", (UsageError,), ERRORS))

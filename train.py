@@ -366,16 +366,16 @@ def main(argv):
                elapsed_s=time.perf_counter() - t_start)
         if not finite and s.on_nonfinite == "stop":
             raise NonFiniteError(f"step {step + 1}: the loss is {r['loss']} and the gradient norm {r['grad_norm']}: "
-                                 f"training diverged; the checkpoint in {out_dir} is the last good one (lower --lr, "
-                                 "or --on_nonfinite=skip to skip such batches)")
+                                 f"training diverged, and stops here; the checkpoints in {out_dir} are from earlier "
+                                 "steps (lower --lr, or --on_nonfinite=skip to skip such batches)")
         if not finite:
             log(f"step {step + 1}: loss {r['loss']}, gradient norm {r['grad_norm']}: batch skipped")
         if (step + 1) % s.eval_interval == 0 or step + 1 == s.max_steps:
             val = evaluate(model, val_data, s, procs, autocast)
             record(metrics, procs, step=step + 1, val_loss=val)
             if not math.isfinite(val):
-                raise NonFiniteError(f"step {step + 1}: the validation loss is {val}: training diverged; the "
-                                     f"checkpoint in {out_dir} is the last good one (lower --lr)")
+                raise NonFiniteError(f"step {step + 1}: the validation loss is {val}: training diverged, and stops "
+                                     f"here; the checkpoints in {out_dir} are from earlier steps (lower --lr)")
             bar.write(f"step {step + 1}: train loss {r['loss']:.4f}, val loss {val:.4f}") if procs.master else None
         if bar.disable and procs.master and (step + 1) % s.log_interval == 0:
             log(f"step {step + 1}/{s.max_steps}: loss {r['loss']:.4f}, lr {r['lr']:.2e}, "

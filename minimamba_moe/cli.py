@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import sys
+import traceback
 
 import torch
 
@@ -24,7 +25,7 @@ def debug_requested(argv: list[str]) -> bool:
 def run_main(main, argv: list[str], prog: str, usage_errors: tuple, errors: tuple) -> int:
     """Run ``main(argv)``; turn an exception into one line on stderr (from rank 0 only under torchrun)
     and the exit status: 2 for ``usage_errors``, 1 for ``errors`` and anything unexpected, 130 for ^C.
-    With --debug or MINIMAMBA_DEBUG=1 the traceback is shown instead."""
+    With --debug or MINIMAMBA_DEBUG=1 the traceback is printed instead (same exit status)."""
     try:
         main(argv)
         return 0
@@ -32,8 +33,8 @@ def run_main(main, argv: list[str], prog: str, usage_errors: tuple, errors: tupl
         return 130
     except Exception as e:
         if debug_requested(argv):
-            raise
-        if int(os.environ.get("RANK", "0")) == 0:
+            traceback.print_exc()
+        elif int(os.environ.get("RANK", "0")) == 0:
             known = isinstance(e, usage_errors + errors)
             message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             if not known:

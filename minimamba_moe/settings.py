@@ -283,8 +283,7 @@ def merge(given: dict, saved: dict | None = None) -> tuple[TrainSettings, dict]:
     model_overrides = {}
     if saved is not None:
         saved = dict(saved)
-        model_overrides = dict(saved.pop("model", None) or {})
-        for key in ("out_dir", "resume"):
+        for key in ("out_dir", "resume", "model"):  # (on resume the model is the checkpoint's config.json)
             saved.pop(key, None)
         for key, value in saved.items():
             if key in FIELDS:  # (a setting an older version had is dropped)
