@@ -221,3 +221,16 @@ def test_transformer_output_is_cut_to_its_context(ckpts):
     r = run_sample("--ckpt", str(ckpts / "transformer"), "--prompt", "x" * 10, "--max_new_tokens", "50")
     assert r.returncode == 0, r.stderr
     assert "lowered to 7" in r.stderr and "decode: 6 tokens" in r.stderr
+
+
+# --- law: temperature T is logits / T --------------------------------------------------------------
+from hypothesis import given, strategies as st  # noqa: E402
+
+
+@given(st.floats(0.05, 20.0), st.integers(0, 2**31 - 1), st.sampled_from([None, 1, 5]), st.sampled_from([None, 0.5, 0.9]))
+def test_temperature_is_dividing_the_logits(temperature, seed, top_k, top_p):
+    """sample_token(logits, T) == sample_token(logits / T, 1) with the same seed (top-k/top-p after the division)."""
+    logits = torch.randn(64, 50, generator=torch.Generator().manual_seed(seed % 1000)) * 3
+    a = sample_token(logits, temperature, top_k, top_p, torch.Generator().manual_seed(seed))
+    b = sample_token(logits / temperature, 1.0, top_k, top_p, torch.Generator().manual_seed(seed))
+    assert torch.equal(a, b), f"{(a != b).sum().item()} of 64 rows differ at T={temperature}"
