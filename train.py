@@ -169,9 +169,15 @@ def distribute(raw_model, s: TrainSettings, procs: Processes):
     return torch.compile(model) if s.compile else model
 
 
-def param_groups(model, weight_decay: float) -> list[dict]:
-    """AdamW groups: weight decay on matrices only; none on 1-D tensors (norms, biases, D, dt bias) or A_log."""
-    no_decay = {n for n, p in model.named_parameters() if p.ndim < 2 or getattr(p, "_no_weight_decay", False)}
+def no_decay_names(model) -> set[str]:
+    """1-D tensors (norms, biases, D, dt bias) and A_log (marked _no_weight_decay): read before FSDP
+    replaces the parameters (and drops that mark)."""
+    return {n for n, p in model.named_parameters() if p.ndim < 2 or getattr(p, "_no_weight_decay", False)}
+
+
+def param_groups(model, weight_decay: float, no_decay: set[str] | None = None) -> list[dict]:
+    """AdamW groups: weight decay on matrices only, none on the ``no_decay`` parameters."""
+    no_decay = no_decay_names(model) if no_decay is None else no_decay
     params = dict(model.named_parameters())
     return [{"params": [p for n, p in params.items() if n not in no_decay], "weight_decay": weight_decay},
             {"params": [p for n, p in params.items() if n in no_decay], "weight_decay": 0.0}]
@@ -188,6 +194,12 @@ def restore(state: dict, raw_model, optimizer, device_type: str) -> int:
     if device_type == "cuda" and "rng_cuda" in state:
         torch.cuda.set_rng_state(state["rng_cuda"])
     return int(state["step"])
+
+
+def prepare(tok, tok_spec: str, s: TrainSettings, log) -> Path:
+    """The tokenized corpus's folder in data_cache (tokenized now if it is not there yet)."""
+    return prepare_data(tok, tok_spec, s.data, s.dataset, s.dataset_config, s.text_field, s.data_cache, s.val_every,
+                        s.max_data_tokens, log=log)
 
 
 # --- one step, evaluation, checkpoints, metrics ------------------------------------------------------
@@ -328,17 +340,16 @@ def main(argv):
         log(f"note: {out_dir} holds a checkpoint; this new run overwrites it (--resume continues it instead)")
     n = raw_model.count_params()
     log(f"model {config.name}: {n.total / 1e6:.2f}M parameters, {n.active / 1e6:.2f}M active per token")
+    no_decay = no_decay_names(raw_model)
     model = distribute(raw_model, s, procs)
-    optimizer = torch.optim.AdamW(param_groups(raw_model, s.weight_decay), lr=s.lr, betas=(s.beta1, s.beta2),
+    optimizer = torch.optim.AdamW(param_groups(raw_model, s.weight_decay, no_decay), lr=s.lr, betas=(s.beta1, s.beta2),
                                   fused=procs.device_type == "cuda")
     start_step = restore(state, raw_model, optimizer, procs.device_type) if s.resume else 0
     if s.resume:
         log(f"resuming {out_dir} at step {start_step}" if start_step < s.max_steps else
             f"the run in {out_dir} is at step {start_step} >= max_steps: raise --max_steps to train further")
-    prepare = lambda: prepare_data(tok, tok_spec, s.data, s.dataset, s.dataset_config, s.text_field,  # noqa: E731
-                                   s.data_cache, s.val_every, s.max_data_tokens, log=log)
-    folder = on_rank0(prepare, procs)
-    folder = prepare() if procs.distributed else folder  # the other ranks find rank 0's cache
+    folder = on_rank0(lambda: prepare(tok, tok_spec, s, log), procs)
+    folder = prepare(tok, tok_spec, s, log) if procs.distributed else folder  # the other ranks find rank 0's cache
     train_data, val_data = (Batches(folder, split, s.seq_len, s.seed) for split in ("train", "val"))
     use_bf16 = s.dtype == "bfloat16" or (s.dtype == "auto" and procs.device_type == "cuda")
     autocast = torch.autocast(procs.device_type, dtype=torch.bfloat16) if use_bf16 else nullcontext()

@@ -191,9 +191,8 @@ def test_no_decay_group_is_exactly_norms_biases_A_log_D_and_dt_bias(preset):
     names = {id(p): n for n, p in model.named_parameters()}
     got = {names[id(p)] for p in no_decay["params"]}
     # the intended set, by what each parameter is (not by its shape, which is how param_groups decides)
-    norms = {n for n, m in model.named_modules() for k in ("weight", "bias")
-             if isinstance(m, (torch.nn.LayerNorm, torch.nn.RMSNorm)) and getattr(m, k, None) is not None
-             for n in [f"{n}.{k}"]}
+    norms = {f"{name}.{k}" for name, m in model.named_modules() if isinstance(m, (torch.nn.LayerNorm, torch.nn.RMSNorm))
+             for k in ("weight", "bias") if getattr(m, k, None) is not None}
     biases = {n for n, _ in model.named_parameters() if n.endswith(".bias")}
     ssm = {n for n, _ in model.named_parameters() if n.endswith((".A_log", ".D", "dt_proj.bias"))}
     assert got == norms | biases | ssm, f"extra: {got - (norms | biases | ssm)}, missing: {(norms | biases | ssm) - got}"
