@@ -234,3 +234,21 @@ def test_temperature_is_dividing_the_logits(temperature, seed, top_k, top_p):
     a = sample_token(logits, temperature, top_k, top_p, torch.Generator().manual_seed(seed))
     b = sample_token(logits / temperature, 1.0, top_k, top_p, torch.Generator().manual_seed(seed))
     assert torch.equal(a, b), f"{(a != b).sum().item()} of 64 rows differ at T={temperature}"
+
+
+def test_one_thread_policy_for_training_and_sampling(ckpts, capsys):
+    """sample.py and train.py share choose_threads: 1 CPU thread for a small model unless told otherwise."""
+    sys.path.insert(0, ROOT)
+    import sample
+    from minimamba_moe.cli import choose_threads, run_main
+
+    assert choose_threads(0, "cpu", 10**6) == 1 and choose_threads(3, "cpu", 10**6) == 3
+    assert choose_threads(0, "cpu", 10**9) is None and choose_threads(0, "cuda", 10**6) is None
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        assert run_main(sample.main, [str(ckpts / "tiny"), "--prompt", "a", "--max_new_tokens", "2"], "sample.py",
+                        (sample.UsageError,), sample.ERRORS) == 0
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)

@@ -68,7 +68,8 @@ def weights(out_dir):
 
 def test_quick_start_writes_a_loadable_checkpoint(tmp_path, cache):
     """`python train.py` with its defaults (tiny preset, stdlib corpus, bytes), cut to 3 steps."""
-    run(["--max_steps=3", "--out_dir=out"], cache, cwd=tmp_path)
+    p = run(["--max_steps=3", "--out_dir=out", "--log_interval=1"], cache, cwd=tmp_path)
+    assert "\r" not in p.stdout and "step 3/3: loss" in p.stdout  # not a terminal: plain lines, no progress bar
     model, meta = load_model(tmp_path / "out")
     assert meta["tokenizer"] == "bytes" and meta["step"] == 3
     assert model.config.name == "tiny" and model.config.vocab_size == 256

@@ -196,6 +196,8 @@ def train_bad_inputs(tmp, trained, cache):
                                                     .items() if k != "rng_cpu"}, d / "train_state.pt"),
                               "is not a complete training state: it lacks rng_cpu"),
     }
+    runtime = [(a if any(x.startswith("--out_dir") for x in a) else a + [f"--out_dir={tmp / 'fresh'}"], n, c, d)
+               for a, n, c, d in runtime]
     for name, (damage, needle) in damaged.items():
         folder = run_copy(name, damage)
         runtime.append((["--resume", f"--out_dir={folder}"], needle, 1, folder))
