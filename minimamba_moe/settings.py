@@ -88,6 +88,8 @@ class TrainSettings:
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(TrainSettings)}
+SECTIONS = {"out_dir": "output", "data": "data", "preset": "model", "max_steps": "optimization",
+            "eval_interval": "evaluation, checkpoints, logging", "device": "system"}  # --help's headings
 MODEL_FIELDS = {f.name: f.type for f in dataclasses.fields(ModelConfig) if f.name != "name"}
 
 # Training defaults per preset: MoE-Mamba's recipe (Pióro et al. 2024, §4 and Appendix; see
@@ -202,7 +204,7 @@ def build_parser(preset: str = "tiny") -> argparse.ArgumentParser:
     ap.add_argument("-h", "--help", action="store_true", help="this list; with --preset=NAME, that preset's defaults")
     group = None
     for name, f in FIELDS.items():
-        group = ap.add_argument_group("settings") if group is None else group
+        group = ap.add_argument_group(SECTIONS[name]) if name in SECTIONS else group
         meta = f.metadata
         extra = f" [{_describe(meta, f.type)}]" if meta["low"] is not None or meta["choices"] else ""
         kw = dict(nargs="?", const="true") if f.type == "bool" else {}
