@@ -176,7 +176,8 @@ def no_decay_names(model) -> set[str]:
 
 
 def param_groups(model, weight_decay: float, no_decay: set[str] | None = None) -> list[dict]:
-    """AdamW groups: weight decay on matrices only, none on the ``no_decay`` parameters."""
+    """AdamW groups: weight decay on matrices only, none on the ``no_decay`` parameters (docs/paper-facts.md,
+    "Initialization": A_log, D and biases are not decayed)."""
     no_decay = no_decay_names(model) if no_decay is None else no_decay
     params = dict(model.named_parameters())
     return [{"params": [p for n, p in params.items() if n not in no_decay], "weight_decay": weight_decay},

@@ -92,8 +92,8 @@ SECTIONS = {"out_dir": "output", "data": "data", "preset": "model", "max_steps":
             "eval_interval": "evaluation, checkpoints, logging", "device": "system"}  # --help's headings
 MODEL_FIELDS = {f.name: f.type for f in dataclasses.fields(ModelConfig) if f.name != "name"}
 
-# Training defaults per preset: MoE-Mamba's recipe (Pióro et al. 2024, §4 and Appendix; see
-# docs/paper-facts.md): GPT-2 tokens, context 1024, AdamW(0.9, 0.999), weight decay 0.1, clip 0.5,
+# Training defaults per preset: MoE-Mamba's recipe (Pióro et al. 2024, section 4; docs/paper-facts.md,
+# "Training recipes" and "Presets"): GPT-2 tokens, context 1024, AdamW(0.9, 0.999), weight decay 0.1, clip 0.5,
 # 1% warmup, cosine to 0.1; global batch 64 at 25M, 1024 at 100M: with N GPUs divide grad_accum by N.
 # BlackMamba (Anthony et al. 2024) gives no optimizer settings: its presets reuse MoE-Mamba's recipe.
 _LARGE = dict(tokenizer="gpt2", eval_interval=1000, eval_batches=20, seq_len=1024)
