@@ -171,7 +171,7 @@ def load_model(ckpt_dir: str | os.PathLike, device="cpu", dtype: torch.dtype | N
     model = Model(config)
     load_weights(model, Path(ckpt_dir) / WEIGHTS)
     model.to(device)
-    if dtype is not None:  # A_log and D stay fp32 (their saved values, not a bf16 round trip): docs/paper-facts.md, "Initialization"
+    if dtype is not None:  # A_log and D stay fp32, their saved values (docs/paper-facts.md, "Initialization")
         fp32 = {n: p.data for n, p in model.named_parameters() if n.endswith(("A_log", ".D"))}
         model.to(dtype)
         for name, p in model.named_parameters():

@@ -75,6 +75,17 @@ def valid_as_text(key, value):
             and math.isfinite(value) and float(value).is_integer() and in_range(key, value))
 
 
+def expected(key, value, arg):
+    """What configure must give for ``value``: typed as the field (a config file), or read from its text (--key=text)."""
+    kind = FIELDS[key].type
+    if not arg.startswith("--"):
+        return float(value) if kind == "float" else value
+    text = arg.split("=", 1)[1]
+    read = {"str": str, "float": float, "bool": lambda t: t in ("true", "1"),
+            "int": lambda t: int(t) if t.lstrip("-").isdigit() else int(float(t))}
+    return read[kind](text)
+
+
 @given(a_setting())
 def test_a_drawn_setting_is_accepted_exactly_when_valid(tmp_path_factory, drawn):
     key, value, ok = drawn
@@ -84,9 +95,7 @@ def test_a_drawn_setting_is_accepted_exactly_when_valid(tmp_path_factory, drawn)
     for argv in ([command_line(key, value)], [str(config_file)]):
         if ok or (argv[0].startswith("--") and valid_as_text(key, value)):
             s, _ = configure(argv)
-            text = argv[0].split("=", 1)[1] if argv[0].startswith("--") else None
-            want = (float(value) if FIELDS[key].type == "float" else value) if text is None else {"str": str, "int": lambda t: int(t) if t.lstrip("-").isdigit() else int(float(t)), "float": float,
-                                               "bool": lambda t: t in ("true", "1")}[FIELDS[key].type](text)
+            want = expected(key, value, argv[0])
             assert getattr(s, key) == want and type(getattr(s, key)) is type(want), (argv, getattr(s, key))
         else:
             with pytest.raises(UsageError):
