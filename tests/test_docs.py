@@ -18,7 +18,9 @@ Commands: every command in a ```bash block of a page is either
   ``1e-06`` only need to be as small or smaller: the last bits differ between machines);
 - run by another test or by .ci/run (``RUN_ELSEWHERE``: the command, and the file and test that run
   it, which must exist and name the command's script);
-- or marked on its line as not run here: ``# needs a GPU`` or ``# needs the network``.
+- or marked on its line as not run here: ``# needs a GPU`` or ``# needs the network``, or, for the
+  kernel benchmarks whose measured output the pages quote, ``# a benchmark (minutes on a CPU): not
+  run by the tests`` (performance is never asserted by a test; benchmarks/ prints ratios).
 A listed command that no page shows any more is an error too, so the lists cannot go stale.
 The snippet sections the pages include are checked by the strict build (tests/test_docs_browser.py
 and .ci/run); this file checks plain file reads and the commands.
@@ -127,7 +129,9 @@ def test_nav_lists_every_page():
 
 BLOCK = re.compile(r"^(?P<indent>[ \t]*)```(?P<lang>[\w-]*)[^\n]*\n(?P<body>.*?)^(?P=indent)```[ \t]*$", re.S | re.M)
 SHELL = ("bash", "sh", "shell", "console")
-MARKED = re.compile(r"#\s*needs (a GPU|the network)\b")
+# An unlabelled fence whose lines all start like a command is a shell block too.
+COMMAND_START = re.compile(r"^\s*(#|$|python3? |torchrun |pip |echo |cd |[A-Z_]+=\S* )")
+MARKED = re.compile(r"#\s*(needs (a GPU|the network)\b|a benchmark \(minutes on a CPU\): not run by the tests)")
 
 # Commands this file runs (from the repository root), the page's output compared where it shows one.
 RUN_HERE = {
@@ -169,13 +173,15 @@ def shell_commands(page: Path) -> list[tuple[str, str | None]]:
     blocks = list(BLOCK.finditer(text))
     found = []
     for i, m in enumerate(blocks):
-        if m.group("lang") not in SHELL:
+        body = dedent_block(m.group("body"), m.group("indent"))
+        if m.group("lang") not in SHELL and not (
+                m.group("lang") == "" and body.strip() and all(COMMAND_START.match(x) for x in body.splitlines())):
             continue
         nxt = blocks[i + 1] if i + 1 < len(blocks) else None
         output = None
         if nxt is not None and nxt.group("lang") == "text" and not text[m.end():nxt.start()].strip():
             output = dedent_block(nxt.group("body"), nxt.group("indent"))
-        lines, joined = dedent_block(m.group("body"), m.group("indent")).splitlines(), ""
+        lines, joined = body.splitlines(), ""
         for line in lines:
             joined += line.rstrip("\\").rstrip() + " " if line.rstrip().endswith("\\") else line
             if not line.rstrip().endswith("\\"):
@@ -228,7 +234,7 @@ def test_every_listed_command_is_on_a_page_and_its_runner_exists():
         source = (ROOT / where).read_text(encoding="utf-8")
         words = cmd.split()
         modules = [words[i + 1] for i, w in enumerate(words[:-1]) if w == "-m"]  # python -m <module>
-        script = next((w for w in words if w.endswith(".py")), None) or (modules[0] if modules else None)
+        script = next((Path(w).name for w in words if w.endswith(".py")), None) or (modules[0] if modules else None)
         assert script and script in source, f"{where} does not run {script!r} (listed for {cmd!r})"
         if test:
             assert re.search(rf"^def {test}\(", source, re.M), f"{where} has no test {test} (listed for {cmd!r})"
