@@ -16,6 +16,7 @@ REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "benchmarks" / "gpu_check.py"
 sys.path.insert(0, str(REPO / "benchmarks"))
 import gpu_check  # noqa: E402
+import gpu_check_runs  # noqa: E402
 
 
 def run(*args, timeout=300, cwd=REPO):
@@ -127,8 +128,21 @@ def test_the_shim_imports_the_checkout_it_sits_in_even_when_another_copy_is_inst
     assert [Path(f).relative_to(tmp_path).parts[0] for f in files] == ["minimamba_moe", "fast", "reference"], files
 
 
+def test_train_metrics_read_defensively():
+    """tokens/s from the field of that name (or tok_s, tokens_per_sec), never from tokens_per_expert."""
+    warmup = [dict(step=i, loss=5.0, tokens_per_expert=[[9, 9]], tokens_per_s=1.0) for i in range(1, 6)]
+    later = [dict(step=i, tokens_per_expert=[[1, 2]], loss=4.0, tokens_per_s=100.0 + i) for i in range(6, 9)]
+    records = [dict(step=0, val_loss=5.5)] + warmup + later + [dict(step=8, val_loss=4.1)]
+    assert gpu_check_runs.train_metrics(records) == dict(steps=8, first_loss=5.0, last_loss=4.0, tokens_per_s=107.0)
+    renamed = [{k.replace("tokens_per_s", "tok_s"): v for k, v in r.items()} for r in records]
+    assert gpu_check_runs.train_metrics(renamed)["tokens_per_s"] == 107.0
+    assert "n/a" in gpu_check_runs.train_metrics([dict(step=1, loss=3.0)])["tokens_per_s"]
+    with pytest.raises(RuntimeError, match="no training records"):
+        gpu_check_runs.train_metrics([dict(step=0, val_loss=5.5)])
+
+
 def test_the_shim_runs_the_scripts_at_the_root():
-    proc = gpu_check.run_script("sample.py", ["--help"], 120)
+    proc = gpu_check_runs.run_script("sample.py", ["--help"], 120)
     assert proc.returncode == 0 and "usage" in proc.stdout, proc.stderr
 
 
