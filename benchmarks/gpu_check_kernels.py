@@ -43,14 +43,16 @@ def compare(pairs, atol, rtol, scaled=("d", "grad")):
     return dict(ok=worst <= 1.0, worst=worst_name, tol_ratio=worst, max_abs_err=worst_abs, atol=atol, rtol=rtol)
 
 
-def scan_inputs(seed, b, d, n, l, h0=False):
-    """float64 CPU scan arguments at the model's init ranges (A = -(1..n), softplus(bias) in [1e-3, 0.1])."""
+def scan_inputs(seed, b, d, n, l, h0=False, device="cpu"):
+    """float64 scan arguments at the model's init ranges (A = -(1..n), softplus(bias) in [1e-3, 0.1]),
+    drawn on ``device`` (paper sizes are 10^8 numbers: drawing them on the GPU saves seconds)."""
     import torch
 
-    g = torch.Generator().manual_seed(seed)
-    randn = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)  # noqa: E731
-    dt = torch.exp(torch.rand(d, generator=g, dtype=torch.float64) * math.log(100.0) - 6.9)
-    return dict(u=randn(b, d, l), delta=0.5 * randn(b, d, l), A=-torch.arange(1, n + 1.0, dtype=torch.float64).repeat(d, 1),
+    g = torch.Generator(device).manual_seed(seed)
+    f64 = dict(dtype=torch.float64, device=device)
+    randn = lambda *s: torch.randn(*s, generator=g, **f64)  # noqa: E731
+    dt = torch.exp(torch.rand(d, generator=g, **f64) * math.log(100.0) - 6.9)
+    return dict(u=randn(b, d, l), delta=0.5 * randn(b, d, l), A=-torch.arange(1, n + 1.0, **f64).repeat(d, 1),
                 B=randn(b, n, l), C=randn(b, n, l), D=randn(d), z=randn(b, d, l),
                 delta_bias=dt + torch.log(-torch.expm1(-dt)), initial_state=randn(b, d, n) if h0 else None)
 
@@ -120,7 +122,7 @@ def section_scan(ctx):
     from minimamba_moe.fast.scan_triton import selective_scan_triton
 
     def run(b, d, l, dtype, h0, seed=0, block=None):
-        kw = scan_inputs(seed, b, d, 16, l, h0)
+        kw = scan_inputs(seed, b, d, 16, l, h0, ctx.device)
         low = cast(kw, dtype, ctx.device)  # what the kernel gets
         exact = cast(low, torch.float64, ctx.device)  # the same values, float64
         tri = grads_of(lambda k: selective_scan_triton(**k, delta_softplus=True, block_l=block and block[0],
@@ -151,7 +153,7 @@ def section_step(ctx):
     from minimamba_moe.fast.state_update_triton import selective_state_update_triton
 
     def run(b, d, dtype):
-        kw = scan_inputs(1, b, d, 16, 1, h0=True)
+        kw = scan_inputs(1, b, d, 16, 1, True, ctx.device)
         args = dict(x=kw["u"][..., 0], dt=kw["delta"][..., 0], A=kw["A"], B=kw["B"][..., 0], C=kw["C"][..., 0],
                     D=kw["D"], z=kw["z"][..., 0], dt_bias=kw["delta_bias"])
         low = {k: v.to(ctx.device, torch.float32 if k in ("A", "D", "dt_bias") else dtype) for k, v in args.items()}
@@ -172,21 +174,21 @@ def section_step(ctx):
 
 
 def moe_case(seed, T, d, f, E, k, activation, device, dtype, drop=False):
-    """Random MoE inputs: k distinct experts per token, weights ~ N(0, 1/fan_in); drop: Switch capacity 1.0."""
+    """Random MoE inputs drawn on device: k distinct experts per token, weights ~ N(0, 1/fan_in);
+    drop: Switch capacity factor 1.0 (slot-major arrival, the rest dropped)."""
     import torch
 
-    g = torch.Generator().manual_seed(seed)
+    g = torch.Generator(device).manual_seed(seed)
     F1 = f if activation == "relu" else 2 * f
-    x = torch.randn(T, d, generator=g)
-    w1 = torch.randn(E, F1, d, generator=g) / d**0.5
-    w2 = torch.randn(E, d, f, generator=g) / f**0.5
-    gates = torch.rand(T, k, generator=g)
-    idx = torch.rand(T, E, generator=g).topk(k, dim=1).indices
-    if drop:  # slot-major arrival, at most T * k / E token-slots per expert
+    randn = lambda *s: torch.randn(*s, generator=g, device=device)  # noqa: E731
+    x, w1, w2 = randn(T, d), randn(E, F1, d) / d**0.5, randn(E, d, f) / f**0.5
+    gates = torch.rand(T, k, generator=g, device=device)
+    idx = torch.rand(T, E, generator=g, device=device).topk(k, dim=1).indices
+    if drop:
         onehot = torch.nn.functional.one_hot(idx.t().reshape(-1), E)
         keep = ((onehot.cumsum(0) * onehot).sum(-1) - 1 < int(T * k / E)).view(k, T).t()
         idx = torch.where(keep, idx, torch.full_like(idx, -1))
-    return (x.to(device, dtype), idx.to(device), gates.to(device, dtype), w1.to(device, dtype), w2.to(device, dtype))
+    return x.to(dtype), idx, gates.to(dtype), w1.to(dtype), w2.to(dtype)
 
 
 def moe_grads(op, x, idx, gates, w1, w2, activation, dout):

@@ -96,7 +96,7 @@ def section_speed(ctx):
 
     def scan(b, d, l, backward):
         kw = {k: v.requires_grad_(backward) if v is not None else None
-              for k, v in cast(scan_inputs(0, b, d, 16, l), bf16, dev).items()}
+              for k, v in cast(scan_inputs(0, b, d, 16, l, device=dev), bf16, dev).items()}
         out = fast.selective_scan(**kw, delta_softplus=True)
         g = torch.randn_like(out)
         seq = sum(kw[k].nbytes for k in ("u", "delta", "z", "B", "C"))
@@ -111,7 +111,7 @@ def section_speed(ctx):
             return timed({"fast": run(fast.selective_scan), "reference": run(reference.selective_scan)}, nbytes)
 
     def step(b, d):
-        kw = scan_inputs(0, b, d, 16, 1, h0=True)
+        kw = scan_inputs(0, b, d, 16, 1, True, dev)
         args = dict(x=kw["u"][..., 0], dt=kw["delta"][..., 0], A=kw["A"], B=kw["B"][..., 0], C=kw["C"][..., 0],
                     D=kw["D"], z=kw["z"][..., 0], dt_bias=kw["delta_bias"])
         args = {k: v.to(dev, torch.float32 if k in ("A", "D", "dt_bias") else bf16) for k, v in args.items()}
