@@ -255,7 +255,10 @@ def run_section(section, args, deadline, tmp) -> list[dict]:
     cmd += ["--quick"] if args.quick else []
     t0 = time.monotonic()
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=child_env(args.device))
+        scratch = Path(tmp) / f"{section}_tmp"  # the section's checkpoints and data: removed with tmp at the end
+        scratch.mkdir()
+        env = dict(child_env(args.device), TMPDIR=str(scratch))
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
         problem = None if proc.returncode == 0 else f"section process exited {proc.returncode}:\n{proc.stderr[-4000:]}"
     except subprocess.TimeoutExpired as e:
         problem = f"section killed after its time box of {timeout:.0f} s:\n{(e.stderr or b'')[-4000:]!s}"
