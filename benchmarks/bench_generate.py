@@ -1,0 +1,124 @@
+"""Decode latency and state memory against context length, four models of equal active parameters.
+
+    python benchmarks/bench_generate.py [--quick] [--out results.json] [--png latency.png]
+
+BlackMamba's latency figure (paper §4, "generation latency"), measured with this code: a
+Mamba+MoE model, a dense Mamba, a Transformer with a KV cache and a Transformer-MoE, the same
+width and depth and the same active parameter count, random weights (latency does not depend on
+them). For each context length c: one prefill pass over c tokens (timed), then ``--new`` decoding
+steps (``Model.step``, one token each; median per-token time). "state bytes" is what the
+recurrent state holds after the prefill: each Mamba layer's conv tail and SSM state (fixed
+size), each attention layer's KV cache, allocated for exactly c + new positions.
+
+Scale to the papers on a GPU: --d_model 1152 --n_layer 30 --n_experts 8 --d_expert 3072
+--contexts 128,256,...,8192 --dtype bfloat16 (BlackMamba-1.5B's shape).
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+
+from common import FAMILIES, LABELS, base_parser, describe, equal_active_configs, machine, plot, table, write_json
+
+from minimamba_moe.generate import state_nbytes
+from minimamba_moe.model import Model
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+@torch.no_grad()
+def measure(model: Model, context: int, new: int, device: str) -> dict:
+    """Prefill ``context`` random tokens, then ``new`` steps: prefill seconds, median step seconds, state bytes."""
+    model.config.max_seq_len = context + new + 1  # the KV cache holds exactly what this run needs
+    g = torch.Generator().manual_seed(context)
+    prompt = torch.randint(0, model.config.vocab_size, (1, context), generator=g).to(device)
+    state = model.init_state(1, device=device)
+    sync(device)
+    t0 = time.perf_counter()
+    logits = model(prompt, state=state).logits[:, -1]
+    sync(device)
+    prefill = time.perf_counter() - t0
+    nbytes = state_nbytes(state)
+    token = logits.argmax(-1)
+    times = []
+    for _ in range(new):
+        t0 = time.perf_counter()
+        token = model.step(token, state).argmax(-1)
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    return {"context": context, "prefill_s": prefill, "step_s": statistics.median(times[1:] or times),
+            "state_bytes": nbytes}
+
+
+def main():
+    p = base_parser(__doc__)
+    p.add_argument("--d_model", type=int, default=256)
+    p.add_argument("--n_layer", type=int, default=8)
+    p.add_argument("--n_experts", type=int, default=8)
+    p.add_argument("--d_expert", type=int, default=512)
+    p.add_argument("--contexts", default="128,256,512,1024,2048,4096,8192")
+    p.add_argument("--new", type=int, default=16, help="decoding steps per context (the first is not timed)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    args = p.parse_args()
+    if args.quick:
+        args.d_model, args.n_layer, args.n_experts, args.d_expert = 64, 2, 4, 128
+        args.contexts, args.new = "16,64,256", 4
+    torch.set_num_threads(args.threads)
+    contexts = [int(c) for c in args.contexts.split(",")]
+    configs = equal_active_configs(args.d_model, args.n_layer, args.n_experts, args.d_expert, max(contexts))
+    dtype = getattr(torch, args.dtype)
+    results = {"machine": machine(), "args": vars(args), "models": {}}
+    for fam in FAMILIES:
+        torch.manual_seed(0)
+        model = Model(configs[fam]).to(args.device, dtype).eval()
+        info = describe(configs[fam], max(contexts))
+        info["curve"] = [measure(model, c, args.new, args.device) for c in contexts]
+        results["models"][fam] = info
+        print(f"{LABELS[fam]}: {info['params_active']:,} active params, done")
+    # the headline: how much slower each model decodes at the longest context than at the shortest,
+    # and the speed-up of Mamba+MoE over each model at the longest context
+    for fam, info in results["models"].items():
+        first, last = info["curve"][0], info["curve"][-1]
+        info["step_growth"] = last["step_s"] / first["step_s"]
+        info["state_growth"] = last["state_bytes"] / first["state_bytes"]
+        info["mamba_moe_speedup_at_max_context"] = last["step_s"] / results["models"]["mamba_moe"]["curve"][-1]["step_s"]
+    rows = []
+    for fam, info in results["models"].items():
+        for pt in info["curve"]:
+            rows.append([LABELS[fam], pt["context"], pt["step_s"] * 1e3, pt["prefill_s"] * 1e3,
+                         pt["state_bytes"] / 2**20])
+    print(f"\n{machine()['device']}, {args.dtype}, {torch.get_num_threads()} threads, batch 1, "
+          f"median of {args.new - 1} steps")
+    print(table(["model", "context", "decode ms/token", "prefill ms", "state MiB"], rows))
+    print()
+    print(table(["model", "active params", "step time growth", "state growth", "Mamba+MoE speed-up"],
+                [[LABELS[f], i["params_active"], i["step_growth"], i["state_growth"],
+                  i["mamba_moe_speedup_at_max_context"]] for f, i in results["models"].items()]))
+    write_json(args.out, results)
+
+    def draw(plt):
+        fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
+        for fam, info in results["models"].items():
+            xs = [pt["context"] for pt in info["curve"]]
+            a.plot(xs, [pt["step_s"] * 1e3 for pt in info["curve"]], marker="o", label=LABELS[fam])
+            b.plot(xs, [pt["state_bytes"] / 2**20 for pt in info["curve"]], marker="o", label=LABELS[fam])
+        for ax, title in ((a, "decode latency per token (ms)"), (b, "state / KV cache (MiB)")):
+            ax.set_xscale("log", base=2)
+            ax.set_xlabel("context length (tokens)")
+            ax.set_title(title)
+            ax.grid(alpha=0.3)
+        b.set_yscale("log")
+        a.legend()
+        return fig
+
+    plot(args.png, draw)
+
+
+if __name__ == "__main__":
+    main()
