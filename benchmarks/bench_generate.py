@@ -33,27 +33,37 @@ def sync(device: str) -> None:
 
 
 @torch.no_grad()
-def measure(model: Model, context: int, new: int, device: str) -> dict:
-    """Prefill ``context`` random tokens, then ``new`` steps: prefill seconds, median step seconds, state bytes."""
-    model.config.max_seq_len = context + new + 1  # the KV cache holds exactly what this run needs
+def measure(models: dict[str, Model], context: int, new: int, repeats: int, device: str) -> dict[str, dict]:
+    """For each model: prefill ``context`` random tokens (median of ``repeats``), then ``new`` steps (median).
+
+    The models take turns, prefill by prefill and step by step, so that a burst of load from
+    other processes on a shared machine lands on all of them alike.
+    """
     g = torch.Generator().manual_seed(context)
-    prompt = torch.randint(0, model.config.vocab_size, (1, context), generator=g).to(device)
-    state = model.init_state(1, device=device)
-    sync(device)
-    t0 = time.perf_counter()
-    logits = model(prompt, state=state).logits[:, -1]
-    sync(device)
-    prefill = time.perf_counter() - t0
-    nbytes = state_nbytes(state)
-    token = logits.argmax(-1)
-    times = []
-    for _ in range(new):
-        t0 = time.perf_counter()
-        token = model.step(token, state).argmax(-1)
-        sync(device)
-        times.append(time.perf_counter() - t0)
-    return {"context": context, "prefill_s": prefill, "step_s": statistics.median(times[1:] or times),
-            "state_bytes": nbytes}
+    prompt = torch.randint(0, 256, (1, context), generator=g).to(device)
+    prefills = {f: [] for f in models}
+    steps = {f: [] for f in models}
+    states, tokens = {}, {}
+    for model in models.values():
+        model.config.max_seq_len = context + new + 1  # the KV cache holds exactly what this run needs
+    for _ in range(repeats):
+        for f, model in models.items():
+            states[f] = model.init_state(1, device=device)
+            sync(device)
+            t0 = time.perf_counter()
+            tokens[f] = model(prompt, state=states[f]).logits[:, -1].argmax(-1)
+            sync(device)
+            prefills[f].append(time.perf_counter() - t0)
+    nbytes = {f: state_nbytes(states[f]) for f in models}
+    for i in range(new):
+        for f, model in models.items():
+            t0 = time.perf_counter()
+            tokens[f] = model.step(tokens[f], states[f]).argmax(-1)
+            sync(device)
+            if i:  # the first step warms up
+                steps[f].append(time.perf_counter() - t0)
+    return {f: {"context": context, "prefill_s": statistics.median(prefills[f]),
+                "step_s": statistics.median(steps[f] or [float("nan")]), "state_bytes": nbytes[f]} for f in models}
 
 
 def main():
@@ -61,26 +71,29 @@ def main():
     p.add_argument("--d_model", type=int, default=256)
     p.add_argument("--n_layer", type=int, default=8)
     p.add_argument("--n_experts", type=int, default=8)
-    p.add_argument("--d_expert", type=int, default=512)
+    p.add_argument("--d_expert", type=int, default=None, help="default: the width that matches the dense Mamba")
     p.add_argument("--contexts", default="128,256,512,1024,2048,4096,8192")
-    p.add_argument("--new", type=int, default=16, help="decoding steps per context (the first is not timed)")
+    p.add_argument("--new", type=int, default=64, help="decoding steps per context (the first is not timed)")
+    p.add_argument("--repeats", type=int, default=3, help="prefills per context (median)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     args = p.parse_args()
     if args.quick:
-        args.d_model, args.n_layer, args.n_experts, args.d_expert = 64, 2, 4, 128
-        args.contexts, args.new = "16,64,256", 4
+        args.d_model, args.n_layer, args.n_experts = 64, 2, 4
+        args.contexts, args.new, args.repeats = "16,64,256", 4, 1
     torch.set_num_threads(args.threads)
     contexts = [int(c) for c in args.contexts.split(",")]
     configs = equal_active_configs(args.d_model, args.n_layer, args.n_experts, args.d_expert, max(contexts))
     dtype = getattr(torch, args.dtype)
     results = {"machine": machine(), "args": vars(args), "models": {}}
+    models = {}
     for fam in FAMILIES:
         torch.manual_seed(0)
-        model = Model(configs[fam]).to(args.device, dtype).eval()
-        info = describe(configs[fam], max(contexts))
-        info["curve"] = [measure(model, c, args.new, args.device) for c in contexts]
-        results["models"][fam] = info
-        print(f"{LABELS[fam]}: {info['params_active']:,} active params, done")
+        models[fam] = Model(configs[fam]).to(args.device, dtype).eval()
+        results["models"][fam] = dict(describe(configs[fam], max(contexts)), curve=[])
+    for c in contexts:
+        for fam, point in measure(models, c, args.new, args.repeats, args.device).items():
+            results["models"][fam]["curve"].append(point)
+        print(f"context {c} done")
     # the headline: how much slower each model decodes at the longest context than at the shortest,
     # and the speed-up of Mamba+MoE over each model at the longest context
     for fam, info in results["models"].items():

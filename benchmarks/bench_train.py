@@ -34,14 +34,14 @@ def main():
     p.add_argument("--d_model", type=int, default=256)
     p.add_argument("--n_layer", type=int, default=8)
     p.add_argument("--n_experts", type=int, default=8)
-    p.add_argument("--d_expert", type=int, default=512)
+    p.add_argument("--d_expert", type=int, default=None, help="default: the width that matches the dense Mamba")
     p.add_argument("--batch_size", type=int, default=8)
     p.add_argument("--seq_len", type=int, default=256)
     p.add_argument("--repeats", type=int, default=3, help="timed steps per model and backend (after one warm-up)")
     p.add_argument("--backends", default="fast,reference")
     args = p.parse_args()
     if args.quick:
-        args.d_model, args.n_layer, args.n_experts, args.d_expert = 64, 2, 4, 128
+        args.d_model, args.n_layer, args.n_experts = 64, 2, 4
         args.batch_size, args.seq_len, args.repeats = 2, 32, 2
     torch.set_num_threads(args.threads)
     backends = args.backends.split(",")

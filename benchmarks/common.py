@@ -48,20 +48,24 @@ STYLES = {
 
 
 # --- models ---------------------------------------------------------------------------------------
-def equal_active_configs(d_model: int, n_layer: int, n_experts: int, d_expert: int, seq_len: int,
+def equal_active_configs(d_model: int, n_layer: int, n_experts: int, d_expert: int | None, seq_len: int,
                          style: str = "blackmamba", families=FAMILIES, **overrides) -> dict[str, ModelConfig]:
     """One config per family, all with ``n_layer`` layers of width ``d_model``.
 
-    Mamba+MoE alternates Mamba and MoE layers with experts of width ``d_expert``; the dense Mamba
-    has only Mamba layers (a Mamba layer and an expert have about the same parameters at these
-    widths, as in MoE-Mamba's baselines). The Transformers alternate attention with a dense MLP or
-    an MoE layer whose hidden width is solved for so that their *active* parameter count equals
-    the Mamba+MoE model's (within one unit of width).
+    The dense Mamba has only Mamba layers (MoE-Mamba's baseline: one expert replaces one Mamba
+    layer). Mamba+MoE alternates Mamba and MoE layers with experts of width ``d_expert``, or, when
+    it is None, of the width that gives it the dense Mamba's active parameter count. The
+    Transformers alternate attention with a dense MLP or an MoE layer whose hidden width is solved
+    for so that their *active* parameter count equals the Mamba+MoE model's (within one unit of
+    width).
     """
     common = dict(vocab_size=256, pad_vocab_size_multiple=64, d_model=d_model, n_layer=n_layer,
-                  max_seq_len=seq_len, n_experts=n_experts, d_expert=d_expert,
+                  max_seq_len=seq_len, n_experts=n_experts, d_expert=d_expert or 2 * d_model,
                   n_head=max(1, d_model // 64), **STYLES[style])
     common.update(overrides)
+    if d_expert is None:
+        dense = count_params(ModelConfig(**common, layer_pattern=PATTERNS["mamba"])).active
+        common["d_expert"] = _solve_width(dict(common, layer_pattern=PATTERNS["mamba_moe"]), "d_expert", dense, d_model)
     ref = ModelConfig(**common, layer_pattern=PATTERNS["mamba_moe"], name="mamba_moe")
     target = count_params(ref).active
     out = {}
