@@ -8,7 +8,9 @@ width and depth and the same active parameter count, random weights (latency doe
 them). For each context length c: one prefill pass over c tokens (timed), then ``--new`` decoding
 steps (``Model.step``, one token each; median per-token time). "state bytes" is what the
 recurrent state holds after the prefill: each Mamba layer's conv tail and SSM state (fixed
-size), each attention layer's KV cache, allocated for exactly c + new positions.
+size), each attention layer's KV cache, allocated for exactly c + new positions. The models take
+turns step by step. On CPU the clock is this process's CPU time and one thread is used (--clock,
+--threads), so that other work on a shared machine does not inflate the numbers.
 
 Scale to the papers on a GPU: --d_model 1152 --n_layer 30 --n_experts 8 --d_expert 3072
 --contexts 128,256,...,8192 --dtype bfloat16 (BlackMamba-1.5B's shape).
@@ -21,7 +23,8 @@ import time
 
 import torch
 
-from common import FAMILIES, LABELS, base_parser, describe, equal_active_configs, machine, plot, table, write_json
+from common import (FAMILIES, LABELS, base_parser, describe, equal_active_configs, machine, plot, table, timer,
+                    write_json)
 
 from minimamba_moe.generate import state_nbytes
 from minimamba_moe.model import Model
@@ -33,7 +36,7 @@ def sync(device: str) -> None:
 
 
 @torch.no_grad()
-def measure(models: dict[str, Model], context: int, new: int, repeats: int, device: str) -> dict[str, dict]:
+def measure(models: dict[str, Model], context: int, new: int, repeats: int, device: str, clock) -> dict[str, dict]:
     """For each model: prefill ``context`` random tokens (median of ``repeats``), then ``new`` steps (median).
 
     The models take turns, prefill by prefill and step by step, so that a burst of load from
@@ -50,18 +53,18 @@ def measure(models: dict[str, Model], context: int, new: int, repeats: int, devi
         for f, model in models.items():
             states[f] = model.init_state(1, device=device)
             sync(device)
-            t0 = time.perf_counter()
+            t0 = clock()
             tokens[f] = model(prompt, state=states[f]).logits[:, -1].argmax(-1)
             sync(device)
-            prefills[f].append(time.perf_counter() - t0)
+            prefills[f].append(clock() - t0)
     nbytes = {f: state_nbytes(states[f]) for f in models}
     for i in range(new):
         for f, model in models.items():
-            t0 = time.perf_counter()
+            t0 = clock()
             tokens[f] = model.step(tokens[f], states[f]).argmax(-1)
             sync(device)
             if i:  # the first step warms up
-                steps[f].append(time.perf_counter() - t0)
+                steps[f].append(clock() - t0)
     return {f: {"context": context, "prefill_s": statistics.median(prefills[f]),
                 "step_s": statistics.median(steps[f] or [float("nan")]), "state_bytes": nbytes[f]} for f in models}
 
@@ -76,11 +79,13 @@ def main():
     p.add_argument("--new", type=int, default=64, help="decoding steps per context (the first is not timed)")
     p.add_argument("--repeats", type=int, default=3, help="prefills per context (median)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.set_defaults(threads=1)
     args = p.parse_args()
     if args.quick:
         args.d_model, args.n_layer, args.n_experts = 64, 2, 4
         args.contexts, args.new, args.repeats = "16,64,256", 4, 1
     torch.set_num_threads(args.threads)
+    clock = timer(args)
     contexts = [int(c) for c in args.contexts.split(",")]
     configs = equal_active_configs(args.d_model, args.n_layer, args.n_experts, args.d_expert, max(contexts))
     dtype = getattr(torch, args.dtype)
@@ -91,7 +96,7 @@ def main():
         models[fam] = Model(configs[fam]).to(args.device, dtype).eval()
         results["models"][fam] = dict(describe(configs[fam], max(contexts)), curve=[])
     for c in contexts:
-        for fam, point in measure(models, c, args.new, args.repeats, args.device).items():
+        for fam, point in measure(models, c, args.new, args.repeats, args.device, clock).items():
             results["models"][fam]["curve"].append(point)
         print(f"context {c} done")
     # the headline: how much slower each model decodes at the longest context than at the shortest,
@@ -106,7 +111,7 @@ def main():
         for pt in info["curve"]:
             rows.append([LABELS[fam], pt["context"], pt["step_s"] * 1e3, pt["prefill_s"] * 1e3,
                          pt["state_bytes"] / 2**20])
-    print(f"\n{machine()['device']}, {args.dtype}, {torch.get_num_threads()} threads, batch 1, "
+    print(f"\n{machine()['device']}, {args.dtype}, {torch.get_num_threads()} threads, {args.clock} clock, batch 1, "
           f"median of {args.new - 1} steps")
     print(table(["model", "context", "decode ms/token", "prefill ms", "state MiB"], rows))
     print()

@@ -5,7 +5,8 @@
 One training step = forward, cross-entropy (+ the MoE auxiliary loss), backward, gradient clip,
 AdamW update, on random windows of the embedded corpus. For each model the "fast" and
 "reference" kernel backends run the same weights and alternate step by step, so that a busy
-shared machine slows both alike; the table gives the median step time, tokens/s, the achieved
+shared machine slows both alike (on CPU the clock is this process's CPU time, one thread, see
+--clock); the table gives the median step time, tokens/s, the achieved
 model FLOP/s (minimamba_moe/flops.py, training = 3 x forward) and the fast / reference speed-up.
 Attention uses PyTorch's scaled_dot_product_attention under both backends.
 
@@ -17,12 +18,11 @@ reference).
 from __future__ import annotations
 
 import statistics
-import time
 
 import torch
 
 from common import (FAMILIES, LABELS, Trainer, add_data_args, base_parser, describe, equal_active_configs,
-                    machine, plot, prepare, table, write_json)
+                    machine, plot, prepare, table, timer, write_json)
 
 from minimamba_moe.data import Batches
 from minimamba_moe.flops import flops_per_token
@@ -31,19 +31,21 @@ from minimamba_moe.flops import flops_per_token
 def main():
     p = base_parser(__doc__)
     add_data_args(p)
-    p.add_argument("--d_model", type=int, default=256)
-    p.add_argument("--n_layer", type=int, default=8)
+    p.add_argument("--d_model", type=int, default=128)
+    p.add_argument("--n_layer", type=int, default=4)
     p.add_argument("--n_experts", type=int, default=8)
     p.add_argument("--d_expert", type=int, default=None, help="default: the width that matches the dense Mamba")
     p.add_argument("--batch_size", type=int, default=8)
     p.add_argument("--seq_len", type=int, default=256)
     p.add_argument("--repeats", type=int, default=3, help="timed steps per model and backend (after one warm-up)")
     p.add_argument("--backends", default="fast,reference")
+    p.set_defaults(threads=1)
     args = p.parse_args()
     if args.quick:
         args.d_model, args.n_layer, args.n_experts = 64, 2, 4
         args.batch_size, args.seq_len, args.repeats = 2, 32, 2
     torch.set_num_threads(args.threads)
+    clock = timer(args)
     backends = args.backends.split(",")
     folder = prepare(args.data, args.data_cache)
     data = Batches(folder, "train", args.seq_len, seed=0)
@@ -61,12 +63,12 @@ def main():
                 trainer.model.set_backend(b)
                 if args.device.startswith("cuda"):
                     torch.cuda.synchronize()
-                t0 = time.perf_counter()
+                t0 = clock()
                 trainer.step(x, y, 1e-3)
                 if args.device.startswith("cuda"):
                     torch.cuda.synchronize()
                 if i:
-                    times[b].append(time.perf_counter() - t0)
+                    times[b].append(clock() - t0)
         flops = flops_per_token(cfg, args.seq_len, training=True).total
         info = describe(cfg, args.seq_len)
         info["backends"] = {}
@@ -82,7 +84,7 @@ def main():
             rows.append([LABELS[fam], b, info["params_active"], r["step_s"] * 1e3, r["tokens_per_s"],
                          r["model_flops_per_s"] / 1e9, info.get("fast_speedup") if b == "fast" else None])
         print(f"{LABELS[fam]} done")
-    print(f"\n{machine()['device']}, {torch.get_num_threads()} threads, batch {args.batch_size} x {args.seq_len} "
+    print(f"\n{machine()['device']}, {torch.get_num_threads()} threads, {args.clock} clock, batch {args.batch_size} x {args.seq_len} "
           f"tokens, median of {args.repeats} steps")
     print(table(["model", "backend", "active params", "step ms", "tokens/s", "model GFLOP/s", "fast / reference"], rows))
     write_json(args.out, results)

@@ -232,7 +232,17 @@ def base_parser(doc: str) -> argparse.ArgumentParser:
     p.add_argument("--png", default="", help="draw the figure here (needs matplotlib: pip install -e '.[plots]')")
     p.add_argument("--threads", type=int, default=2, help="CPU threads for torch")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--clock", default="auto", choices=["auto", "wall", "cpu"],
+                   help="wall: elapsed time; cpu: CPU seconds of this process (with --threads 1, the time it "
+                        "would take on an idle core, whatever else runs on a shared machine); auto: cpu on CPU")
     return p
+
+
+def timer(args) -> callable:
+    """The clock the timings use: time.process_time for --clock cpu (or auto on a CPU device), else perf_counter."""
+    kind = args.clock if args.clock != "auto" else ("cpu" if args.device == "cpu" else "wall")
+    args.clock = kind
+    return time.process_time if kind == "cpu" else time.perf_counter
 
 
 def add_data_args(p: argparse.ArgumentParser) -> None:

@@ -162,9 +162,11 @@ def test_ablate_routers(tmp, corpus):
     r = run("ablate_routers", tmp, corpus)
     routers = r["routers"]
     assert set(routers) == {"sinkhorn-released", "sinkhorn-converged", "sigmoid", "switch"}
+    # The released rule stops after one pass once the batch is large (its absolute tolerance is
+    # compared with d1 ~ 1/(E T)); with --quick's 128 tokens it sometimes needs a second one.
     released = routers["sinkhorn-released"]["summary"]["sinkhorn_iters_mean"]["mean"]
-    assert released == 1.0, f"the released Sinkhorn rule ran {released} passes on average, not 1"
-    assert routers["sinkhorn-converged"]["summary"]["sinkhorn_iters_mean"]["mean"] > 1
+    converged = routers["sinkhorn-converged"]["summary"]["sinkhorn_iters_mean"]["mean"]
+    assert 1 <= released < converged, (released, converged)
     for name in ("sinkhorn-released", "sinkhorn-converged", "sigmoid"):
         assert routers[name]["summary"]["dropped_frac"]["mean"] == 0.0  # no capacity limit
     assert routers["sigmoid"]["summary"]["sinkhorn_iters_mean"]["mean"] == 0.0
