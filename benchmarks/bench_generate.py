@@ -2,7 +2,7 @@
 
     python benchmarks/bench_generate.py [--quick] [--out results.json] [--png latency.png]
 
-BlackMamba's latency figure (paper §4, "generation latency"), measured with this code: a
+BlackMamba's latency figure (paper §4), measured with this code: a
 Mamba+MoE model, a dense Mamba, a Transformer with a KV cache and a Transformer-MoE, the same
 width and depth and the same active parameter count, random weights (latency does not depend on
 them). For each context length c: one prefill pass over c tokens (timed), then ``--new`` decoding
@@ -79,7 +79,6 @@ def main():
     p.add_argument("--new", type=int, default=64, help="decoding steps per context (the first is not timed)")
     p.add_argument("--repeats", type=int, default=3, help="prefills per context (median)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    p.set_defaults(threads=1)
     args = p.parse_args()
     if args.quick:
         args.d_model, args.n_layer, args.n_experts = 64, 2, 4

@@ -36,10 +36,9 @@ def main():
     p.add_argument("--n_experts", type=int, default=8)
     p.add_argument("--d_expert", type=int, default=None, help="default: the width that matches the dense Mamba")
     p.add_argument("--batch_size", type=int, default=8)
-    p.add_argument("--seq_len", type=int, default=256)
+    p.add_argument("--seq_len", type=int, default=128)
     p.add_argument("--repeats", type=int, default=3, help="timed steps per model and backend (after one warm-up)")
     p.add_argument("--backends", default="fast,reference")
-    p.set_defaults(threads=1)
     args = p.parse_args()
     if args.quick:
         args.d_model, args.n_layer, args.n_experts = 64, 2, 4

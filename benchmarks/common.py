@@ -230,7 +230,9 @@ def base_parser(doc: str) -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="tiny sizes: finishes in seconds (what the tests run)")
     p.add_argument("--out", default="", help="write the results as JSON here")
     p.add_argument("--png", default="", help="draw the figure here (needs matplotlib: pip install -e '.[plots]')")
-    p.add_argument("--threads", type=int, default=2, help="CPU threads for torch")
+    p.add_argument("--threads", type=int, default=1,
+                   help="CPU threads for torch (1: small models gain little from more, and a shared machine's "
+                        "other jobs stall a multi-threaded op on its slowest thread)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--clock", default="auto", choices=["auto", "wall", "cpu"],
                    help="wall: elapsed time; cpu: CPU seconds of this process (with --threads 1, the time it "

@@ -2,7 +2,7 @@
 
     python benchmarks/reproduce_moe_mamba.py [--quick] [--out results.json] [--png curves.png]
 
-The claim (MoE-Mamba, Pióro et al. 2024, §4.2 and Fig. 1): MoE-Mamba reaches vanilla Mamba's final
+The claim (MoE-Mamba, Pióro et al. 2024, §4.2): MoE-Mamba reaches vanilla Mamba's final
 loss in 2.35x fewer training steps at ~100M active parameters (1.76x at ~25M), measured on the
 training log-perplexity smoothed with an exponential moving average.
 

@@ -33,7 +33,7 @@ def corpus(tmp_path_factory) -> Path:
 def run(script: str, tmp: Path, corpus: Path | None, *extra: str, env=None) -> dict:
     out = tmp / f"{script}.json"
     cmd = [sys.executable, str(BENCH / f"{script}.py"), "--quick", "--out", str(out), "--png", str(tmp / f"{script}.png"),
-           "--threads", "2", "--device", "cpu", *extra]
+           "--threads", "1", "--device", "cpu", *extra]
     if corpus is not None:
         cmd += ["--data", str(corpus / "corpus.txt"), "--data_cache", str(corpus / "cache")]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=tmp)
