@@ -16,10 +16,11 @@ sinkhorn (fast/sinkhorn.py): every pass and the stopping rule in one Triton laun
 """
 
 from minimamba_moe.reference import expert_mlp  # one expert on its own rows: plain PyTorch is already fast
-from .causal_conv1d import causal_conv1d, causal_conv1d_update  # grouped F.conv1d, any device (issue 3)
-from .selective_scan import selective_scan, selective_state_update  # Triton on CUDA, chunked PyTorch on CPU (issue 3)
-from .moe import moe_experts  # sort + grouped GEMMs: Triton on CUDA, grouped_mm on CPU (issue 4)
-from .sinkhorn import sinkhorn  # one fused Triton launch on CUDA, a lean loop on CPU (issue 4)
+
+from .causal_conv1d import causal_conv1d, causal_conv1d_update  # grouped F.conv1d, any device
+from .moe import moe_experts  # sort + grouped GEMMs: Triton on CUDA, grouped_mm on CPU
+from .selective_scan import selective_scan, selective_state_update  # Triton on CUDA, chunked PyTorch on CPU
+from .sinkhorn import sinkhorn  # one fused Triton launch on CUDA, a lean loop on CPU
 
 __all__ = [
     "selective_scan",

@@ -19,12 +19,12 @@ import sys
 
 # Modules of fast/ that define Triton kernels and an AOT_SPECS list.
 KERNEL_MODULES: list[str] = [
-    "sinkhorn_triton",  # issue 4: fused Sinkhorn
-    "moe_triton_fwd",  # issue 4: MoE grouped GEMMs, forward
-    "moe_triton_bwd",  # issue 4: MoE grouped GEMMs, backward
-    "scan_triton",  # issue 3: selective scan, forward
-    "scan_triton_bwd",  # issue 3: selective scan, backward
-    "state_update_triton",  # issue 3: selective scan, decode step
+    "sinkhorn_triton",  # fused Sinkhorn
+    "moe_triton_fwd",  # MoE grouped GEMMs, forward
+    "moe_triton_bwd",  # MoE grouped GEMMs, backward
+    "scan_triton",  # selective scan, forward
+    "scan_triton_bwd",  # selective scan, backward
+    "state_update_triton",  # selective scan, decode step
 ]
 
 ARCHS = (80, 90)

@@ -18,14 +18,7 @@ Computed in float32 (float64 if an input is float64), returned in x.dtype.
 import torch
 import torch.nn.functional as F
 
-from minimamba_moe.reference._checks import check_ndim, check_shape, compute_dtype
-
-ACTIVATIONS = (None, "silu")
-
-
-def _check_activation(activation):
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+from minimamba_moe.reference.checks import check_causal_conv1d, check_causal_conv1d_update, compute_dtype
 
 
 def causal_conv1d(x, weight, bias=None, conv_state=None, activation=None):
@@ -45,16 +38,7 @@ def causal_conv1d(x, weight, bias=None, conv_state=None, activation=None):
     Raises:
         ValueError: on a shape mismatch or an unknown activation.
     """
-    check_ndim("x", x, 3, "(b, d, l)")
-    b, d, l = x.shape
-    check_ndim("weight", weight, 2, "(d, k)")
-    k = weight.shape[1]
-    check_shape("weight", weight, (d, k))
-    if bias is not None:
-        check_shape("bias", bias, (d,))
-    if conv_state is not None:
-        check_shape("conv_state", conv_state, (b, d, k))
-    _check_activation(activation)
+    b, d, l, k = check_causal_conv1d(x, weight, bias, conv_state, activation)
 
     f = compute_dtype(x, weight, bias, conv_state)
     if conv_state is None:
@@ -86,13 +70,7 @@ def causal_conv1d_update(x, conv_state, weight, bias=None, activation=None):
     Raises:
         ValueError: on a shape mismatch or an unknown activation.
     """
-    check_ndim("conv_state", conv_state, 3, "(b, d, k)")
-    b, d, k = conv_state.shape
-    check_shape("x", x, (b, d))
-    check_shape("weight", weight, (d, k))
-    if bias is not None:
-        check_shape("bias", bias, (d,))
-    _check_activation(activation)
+    check_causal_conv1d_update(x, conv_state, weight, bias, activation)
 
     # torch.roll copies, so the shift is safe in place (a plain overlapping slice assignment is not).
     conv_state.copy_(torch.roll(conv_state, shifts=-1, dims=-1))

@@ -20,10 +20,14 @@ Glossary (code name = meaning, shape): as in reference/moe.py —
 
 import torch
 
-from minimamba_moe.reference._checks import check_ndim, check_shape
-from minimamba_moe.reference.moe import ACTIVATIONS
+from minimamba_moe.reference.checks import check_expert_range, check_moe_experts
 
 from .moe_cpu import MoEExpertsCPU, moe_experts_no_grad
+
+try:  # triton is a dependency on Linux only; elsewhere every tensor takes the PyTorch path
+    from .moe_triton import moe_experts_triton
+except ImportError:
+    moe_experts_triton = None
 
 
 def moe_experts(x, expert_idx, gates, w1, w2, activation="swiglu"):
@@ -43,31 +47,15 @@ def moe_experts(x, expert_idx, gates, w1, w2, activation="swiglu"):
 
     Raises:
         ValueError: on an unknown activation, a shape mismatch, a non-integer expert_idx or an
-            index outside [-1, E).
+            index outside [-1, E). (The fast backend on CUDA tensors skips the index check, which
+            would cost a host sync per call, and drops such slots instead.)
     """
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
-    check_ndim("x", x, 2, "(T, d)")
-    T, d = x.shape
-    check_ndim("expert_idx", expert_idx, 2, "(T, k)")
-    k = expert_idx.shape[1]
-    check_shape("expert_idx", expert_idx, (T, k))
-    check_shape("gates", gates, (T, k))
-    check_ndim("w2", w2, 3, "(E, d, f)")
-    E, _, f = w2.shape
-    check_shape("w2", w2, (E, d, f))
-    check_shape("w1", w1, (E, f if activation == "relu" else 2 * f, d))
-    if expert_idx.dtype not in (torch.int64, torch.int32):
-        raise ValueError(f"expert_idx must be an integer tensor (int64), got {expert_idx.dtype}")
-    if x.is_cuda and x.dtype != torch.float64:
+    E = check_moe_experts(x, expert_idx, gates, w1, w2, activation)[3]
+    if x.is_cuda and x.dtype != torch.float64 and moe_experts_triton is not None:
         # The range check would read the indices back to the host (a sync per layer): on the GPU it
         # is skipped, and an index outside [0, E) is treated like -1 (dropped) by the kernels.
-        from .moe_triton import moe_experts_triton
-
         return moe_experts_triton(x, expert_idx, gates, w1, w2, activation)
-    if expert_idx.numel() and (expert_idx.min() < -1 or expert_idx.max() >= E):
-        raise ValueError(f"expert_idx values must be in [0, {E}) or -1 (dropped), got range "
-                         f"[{expert_idx.min().item()}, {expert_idx.max().item()}]")
+    check_expert_range(expert_idx, E)
     if torch.is_grad_enabled() and any(t.requires_grad for t in (x, gates, w1, w2)):
         return MoEExpertsCPU.apply(x, expert_idx, gates, w1, w2, activation)
     return moe_experts_no_grad(x, expert_idx, gates, w1, w2, activation)

@@ -41,7 +41,7 @@ time swings from run to run).
 import torch
 import torch.nn.functional as F
 
-from minimamba_moe.reference._checks import compute_dtype
+from minimamba_moe.reference.checks import compute_dtype
 
 from .routing import Routing, group_by_expert
 

@@ -15,7 +15,7 @@ copy of x or of dout is ever made. fp32 and bf16/fp16 only (the tests run it in 
 
 import torch
 
-from minimamba_moe.reference.moe import ACTIVATIONS
+from minimamba_moe.reference.checks import ACTIVATIONS
 
 from .moe_triton_bwd import launch_down_bwd, launch_wgrad
 from .moe_triton_fwd import launch_down, launch_up

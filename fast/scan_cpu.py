@@ -1,6 +1,6 @@
 """The selective scan on CPU: vectorised PyTorch with a hand-written reverse-time backward.
 
-Same math as ``reference/selective_scan.py`` (SPEC §1), read that file first. What changes:
+Same math as ``reference/selective_scan.py`` (docs/paper-facts.md#selective-scan), read that file first. What changes:
 
 * The reference builds dA and dBu for the whole sequence, (b, d, l, n) each, and lets autograd
   record every one of its l steps. Here the sequence is cut into chunks of ``CHUNK`` positions;

@@ -35,7 +35,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .scan_triton import BLOCK_L, NUM_WARPS, _chunk_states, _combine, _load_chunk, _softplus, block_sizes
+from .scan_triton_chunk import BLOCK_L, NUM_WARPS, _chunk_states, _combine, _load_chunk, _softplus, block_sizes
 
 BLOCK_D_BWD = 16  # more live (BLOCK_D, BLOCK_N, BLOCK_L) tiles than the forward. Not tuned on a GPU yet.
 

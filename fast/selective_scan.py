@@ -1,7 +1,7 @@
 """The selective scan (Mamba-1), fast: Triton on CUDA tensors, vectorised PyTorch elsewhere.
 
 Same signatures and docstrings as ``reference/selective_scan.py`` (diff the two files); the
-argument checks are the reference's (``reference/_checks.py``), so both raise the same errors.
+argument checks are the reference's (``reference/checks.py``), so both raise the same errors.
 Read in this order:
 
     reference/selective_scan.py   the math as a loop over time (the spec)
@@ -18,23 +18,23 @@ can run them on CPU tensors under ``TRITON_INTERPRET=1``.
 import torch
 import torch.nn.functional as F
 
-from minimamba_moe.reference._checks import check_ndim, check_shape, compute_dtype
+from minimamba_moe.reference.checks import check_selective_scan, check_selective_state_update, compute_dtype
 
 from .scan_cpu import selective_scan_cpu
+
+try:  # triton is a dependency on Linux only; elsewhere every tensor takes the PyTorch path
+    from .scan_triton import selective_scan_triton
+    from .state_update_triton import selective_state_update_triton
+except ImportError:
+    selective_scan_triton = selective_state_update_triton = None
 
 _TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def _use_triton(*tensors):
-    """True when every given tensor is on CUDA in a dtype the kernels take (and triton imports)."""
+    """True when every given tensor is on CUDA in a dtype the kernels take (and triton imported)."""
     ts = [t for t in tensors if t is not None]
-    if not all(t.is_cuda and t.dtype in _TRITON_DTYPES for t in ts):
-        return False
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    return selective_scan_triton is not None and all(t.is_cuda and t.dtype in _TRITON_DTYPES for t in ts)
 
 
 def selective_scan(
@@ -72,29 +72,10 @@ def selective_scan(
     Raises:
         ValueError: if a tensor's shape does not match the layout above.
     """
-    check_ndim("u", u, 3, "(b, d, l)")
-    b, d, l = u.shape
-    check_ndim("A", A, 2, "(d, n)")
-    n = A.shape[1]
-    check_shape("delta", delta, (b, d, l))
-    check_shape("A", A, (d, n))
-    check_shape("B", B, (b, n, l))
-    check_shape("C", C, (b, n, l))
-    if D is not None:
-        check_shape("D", D, (d,))
-    if z is not None:
-        check_shape("z", z, (b, d, l))
-    if delta_bias is not None:
-        check_shape("delta_bias", delta_bias, (d,))
-    if initial_state is not None:
-        check_shape("initial_state", initial_state, (b, d, n))
-    if l < 1:
-        raise ValueError(f"u must have length l >= 1, got shape {tuple(u.shape)}")
+    check_selective_scan(u, delta, A, B, C, D, z, delta_bias, initial_state)
 
     f = compute_dtype(u, delta, A, B, C, D, z, delta_bias, initial_state)
     if f == torch.float32 and _use_triton(u, delta, A, B, C, D, z, delta_bias, initial_state):
-        from .scan_triton import selective_scan_triton
-
         out, last = selective_scan_triton(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state)
     else:
         out, last = selective_scan_cpu(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, f)
@@ -124,24 +105,10 @@ def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, 
     Raises:
         ValueError: if a tensor's shape does not match the layout above.
     """
-    check_ndim("state", state, 3, "(b, d, n)")
-    b, d, n = state.shape
-    check_shape("x", x, (b, d))
-    check_shape("dt", dt, (b, d))
-    check_shape("A", A, (d, n))
-    check_shape("B", B, (b, n))
-    check_shape("C", C, (b, n))
-    if D is not None:
-        check_shape("D", D, (d,))
-    if z is not None:
-        check_shape("z", z, (b, d))
-    if dt_bias is not None:
-        check_shape("dt_bias", dt_bias, (d,))
+    check_selective_state_update(state, x, dt, A, B, C, D, z, dt_bias)
 
     f = compute_dtype(state, x, dt, A, B, C, D, z, dt_bias)
     if f == torch.float32 and state.dtype == torch.float32 and _use_triton(state, x, dt, A, B, C, D, z, dt_bias):
-        from .state_update_triton import selective_state_update_triton
-
         return selective_state_update_triton(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus)
 
     # One position needs no loop: the reference's math, (b, d, n) tiles, fused where torch allows.

@@ -21,8 +21,12 @@ expressions are evaluated in the same order, so the iteration counts match the r
 
 import torch
 
-from minimamba_moe.reference._checks import check_ndim, compute_dtype
-from minimamba_moe.reference.sinkhorn import INITS, STOPPING_RULES
+from minimamba_moe.reference.checks import check_sinkhorn, compute_dtype
+
+try:  # triton is a dependency on Linux only; elsewhere every tensor takes the PyTorch path
+    from .sinkhorn_triton import sinkhorn_triton
+except ImportError:
+    sinkhorn_triton = None
 
 
 def sinkhorn(logits, init="blackmamba", stopping="absolute", tol=1e-4, max_iters=100, eps=1e-8, logit_scale=2.0):
@@ -45,16 +49,8 @@ def sinkhorn(logits, init="blackmamba", stopping="absolute", tol=1e-4, max_iters
     Raises:
         ValueError: on a bad init, stopping rule, max_iters or logits shape.
     """
-    check_ndim("logits", logits, 2, "(T, E)")
-    if init not in INITS:
-        raise ValueError(f"init must be one of {INITS}, got {init!r}")
-    if stopping not in STOPPING_RULES:
-        raise ValueError(f"stopping must be one of {STOPPING_RULES}, got {stopping!r}")
-    if not isinstance(max_iters, int) or max_iters < 1:
-        raise ValueError(f"max_iters must be an integer >= 1, got {max_iters!r}")
-    if logits.is_cuda and logits.dtype != torch.float64 and logits.shape[1] <= 64:
-        from .sinkhorn_triton import sinkhorn_triton
-
+    check_sinkhorn(logits, init, stopping, max_iters)
+    if logits.is_cuda and logits.dtype != torch.float64 and logits.shape[1] <= 64 and sinkhorn_triton is not None:
         return sinkhorn_triton(logits, init, stopping, tol, max_iters, eps, logit_scale)
     return sinkhorn_cpu(logits, init, stopping, tol, max_iters, eps, logit_scale)
 

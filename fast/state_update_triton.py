@@ -1,6 +1,6 @@
 """One decode step of the selective scan in Triton: the state updated in place, y out.
 
-The math of ``reference.selective_state_update`` (one position of SPEC §1), read that first:
+The math of ``reference.selective_state_update`` (one position of docs/paper-facts.md#selective-scan), read that first:
 
     Δ = softplus(dt + dt_bias)          (b, d)
     h = exp(Δ A) * h + Δ x B            (b, d, n)   written back into ``state``
@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .scan_triton import _softplus
+from .scan_triton_chunk import _softplus
 
 BLOCK_D_STEP = 32
 NUM_WARPS = 4

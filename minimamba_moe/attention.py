@@ -5,7 +5,9 @@ rotates each (even, odd)-split pair of q and k by the angle pos * theta^(-2i/hd)
 in the "rotate half" form used by GPT-NeoX and Llama.
 
 Recurrent inference keeps a KV cache of max_seq_len positions per layer: unlike a Mamba state it
-grows with the number of tokens seen, which is the point the papers make.
+grows with the number of tokens seen, which is the point the papers make. The cache also counts
+the tokens it holds, so the mixer is called as every mixer is, ``attn(x, state=None) -> (out, None)``,
+and knows the positions of x from its state.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from .config import ModelConfig
 class KVCache:
     k: torch.Tensor  # (b, h, max_seq_len, hd)
     v: torch.Tensor  # (b, h, max_seq_len, hd)
+    seq_len: int = 0  # positions 0..seq_len-1 are filled
 
 
 def rope(x: torch.Tensor, pos: torch.Tensor, theta: float) -> torch.Tensor:
@@ -52,9 +55,10 @@ class CausalSelfAttention(nn.Module):
         shape = (batch_size, c.n_head, c.max_seq_len, c.d_model // c.n_head)
         return KVCache(torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype))
 
-    def forward(self, x: torch.Tensor, state: KVCache | None = None, pos: int = 0) -> torch.Tensor:
-        """x (b, l, d) at positions pos..pos+l-1 -> (b, l, d). With ``state``, read and extend the cache."""
+    def forward(self, x: torch.Tensor, state: KVCache | None = None) -> tuple[torch.Tensor, None]:
+        """x (b, l, d) -> ((b, l, d), None). With ``state``, x follows the cached positions: read and extend the cache."""
         b, l, d = x.shape
+        pos = 0 if state is None else state.seq_len
         q, k, v = self.qkv(x).view(b, l, 3, self.n_head, d // self.n_head).permute(2, 0, 3, 1, 4)  # (b,h,l,hd)
         positions = torch.arange(pos, pos + l, device=x.device)
         q, k = rope(q, positions, self.config.rope_theta), rope(k, positions, self.config.rope_theta)
@@ -72,4 +76,5 @@ class CausalSelfAttention(nn.Module):
             # query i (absolute position pos+i) sees keys 0..pos+i
             mask = torch.arange(pos + l, device=x.device)[None, :] <= positions[:, None]  # (l, pos+l)
             y = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
-        return self.out_proj(y.transpose(1, 2).reshape(b, l, d))
+            state.seq_len += l
+        return self.out_proj(y.transpose(1, 2).reshape(b, l, d)), None

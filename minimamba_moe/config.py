@@ -1,6 +1,6 @@
 """ModelConfig: every architecture choice in one dataclass, plus the papers' presets.
 
-The numbers come from ../shared/SPEC.md (read off the authors' released code):
+Every number, and where it comes from (paper section, table or released file): docs/paper-facts.md.
 
 - BlackMamba (Zyphra, arXiv 2402.01771): Mamba and MoE layers alternate, RMSNorm pre-norm,
   final LayerNorm, tied embedding, 8 experts top-1 with a sigmoid gate whose expert is chosen by
@@ -23,13 +23,12 @@ import difflib
 import math
 from dataclasses import dataclass
 
+from minimamba_moe.reference.checks import ACTIVATIONS, SINKHORN_INITS, SINKHORN_STOPPINGS  # the kernels' choices
+
 LAYER_KINDS = ("mamba", "moe", "attention", "mlp")
 NORMS = ("rmsnorm", "layernorm")
-FINAL_NORMS = ("rmsnorm", "layernorm", "none")
-ACTIVATIONS = ("swiglu", "geglu", "relu")
+FINAL_NORMS = (*NORMS, "none")
 ROUTERS = ("sinkhorn", "switch", "sigmoid")
-SINKHORN_INITS = ("blackmamba", "uniform")
-SINKHORN_STOPPINGS = ("absolute", "marginal")
 BACKENDS = ("reference", "fast", "auto")
 
 
@@ -46,7 +45,7 @@ class ModelConfig:
     n_layer: int = 4
     layer_pattern: tuple[str, ...] = ("mamba", "moe")  # repeated to n_layer layers
     max_seq_len: int = 256  # context the model is trained at; bounds attention's KV cache
-    # --- Mamba mixer (SPEC §1) -----------------------------------------------------------------
+    # --- Mamba mixer (docs/paper-facts.md#mamba-mixer) ------------------------------------------
     d_state: int = 16  # N
     d_conv: int = 4  # kernel of the depthwise causal conv
     expand: int = 2  # d_inner = expand * d_model

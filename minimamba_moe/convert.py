@@ -1,6 +1,7 @@
 """Load Zyphra's released BlackMamba weights (pytorch_model.bin) into our Model.
 
-The file is ``{"model": state_dict}`` in bf16 with these keys (SPEC §2), i = layer, e = expert:
+The file is ``{"model": state_dict}`` in bf16 with these keys (docs/paper-facts.md#released-checkpoints),
+i = layer, e = expert:
 
     embedding.word_embeddings.weight                        (V, d)   also the output head (tied)
     decoder.layers.{i}.norm.weight                          (d,)     RMSNorm before every mixer
@@ -27,7 +28,8 @@ Mapping onto minimamba_moe (same names as Zyphra's inside the Mamba mixer):
 
 Every size is read off the tensors; the result reports the preset it matches (blackmamba-1.5b,
 blackmamba-2.8b) or "custom". Weights stay in bf16 as stored (or ``dtype``), except A_log and D,
-which are upcast to fp32 (SPEC §1). Routing at inference is the argmax of the router's sigmoid.
+which are upcast to fp32 (docs/paper-facts.md#initialization). Routing at inference is the argmax
+of the router's sigmoid.
 
 **GeGLU by default.** The paper says the experts are SwiGLU; the released inference code applies
 GELU to the gate half (GeGLU), and that is what the released weights were run with. So
@@ -50,10 +52,12 @@ import sys
 import torch
 
 from .checkpoint import CheckpointError, save_model
+from .config import ACTIVATIONS as MODEL_ACTIVATIONS
 from .config import ModelConfig
 from .model import Model
+from .tokenizer import TokenizerError, load_tokenizer
 
-ACTIVATIONS = ("geglu", "swiglu")
+ACTIVATIONS = tuple(a for a in MODEL_ACTIVATIONS if a != "relu")  # the gated ones: released experts are gated
 DEFAULT_ACTIVATION = "geglu"  # what the released inference code runs (the paper says SwiGLU)
 MATCHED_PRESETS = ("blackmamba-1.5b", "blackmamba-2.8b")
 # the fields that decide the shapes of every tensor: equal on all of these = the same architecture
@@ -252,8 +256,6 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--activation", choices=ACTIVATIONS, default=DEFAULT_ACTIVATION,
                     help="expert gate: geglu (default, what the released code runs) or swiglu (what the paper says)")
     args = ap.parse_args(argv)
-    from .tokenizer import TokenizerError, load_tokenizer
-
     try:
         tok = load_tokenizer(args.tokenizer)
         model = load_zyphra(args.path, args.activation, tok)

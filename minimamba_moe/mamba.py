@@ -1,4 +1,4 @@
-"""The Mamba mixer: one selective-SSM layer (Gu & Dao 2023; SPEC §1).
+"""The Mamba mixer: one selective-SSM layer (Gu & Dao 2023, section 3; docs/paper-facts.md#mamba-mixer).
 
 Glossary (code name -> paper symbol):
     x          input sequence after in_proj and the causal conv  x_t     (b, l, d_inner)
@@ -10,8 +10,10 @@ Glossary (code name -> paper symbol):
     h          recurrent state                                    h_t     (b, d_inner, d_state)
     dt_rank    rank of the low-rank projection producing Δ        R
 
-Where the official code does the same: mamba_ssm/modules/mamba_simple.py (class Mamba: forward,
-step, allocate_inference_cache). The kernels come from ``get_ops(config.backend)``.
+Called as every mixer is: ``mixer(hidden, state=None) -> (out, None)``. Given a state and one
+token, it runs the one-token kernels (``_step``); otherwise the whole-sequence ones, starting
+from the state if given. Where the official code does the same: mamba_ssm/modules/mamba_simple.py
+(class Mamba: forward, step, allocate_inference_cache). The kernels come from ``get_ops(config.backend)``.
 """
 
 from __future__ import annotations
@@ -55,7 +57,7 @@ class MambaMixer(nn.Module):
 
     @torch.no_grad()
     def reset_ssm_parameters(self) -> None:
-        """SPEC §1 init: S4D-real A, D = 1, dt log-uniform in [dt_min, dt_max] through inverse softplus."""
+        """S4D-real A, D = 1, dt log-uniform in [dt_min, dt_max] via inverse softplus (docs/paper-facts.md#initialization)."""
         c, di, n = self.config, self.config.d_inner, self.config.d_state
         self.A_log.copy_(torch.log(torch.arange(1, n + 1, dtype=torch.float32)).expand(di, n))
         self.D.fill_(1.0)
@@ -80,8 +82,10 @@ class MambaMixer(nn.Module):
         dt_low, B, C = self.x_proj(x).split([r, n, n], dim=-1)
         return F.linear(dt_low, self.dt_proj.weight), B, C  # bias is applied inside the scan
 
-    def forward(self, hidden: torch.Tensor, state: MambaState | None = None) -> torch.Tensor:
-        """hidden (b, l, d_model) -> (b, l, d_model). With ``state``, start from it and update it in place."""
+    def forward(self, hidden: torch.Tensor, state: MambaState | None = None) -> tuple[torch.Tensor, None]:
+        """hidden (b, l, d_model) -> ((b, l, d_model), None). With ``state``, start from it and update it in place."""
+        if state is not None and hidden.shape[1] == 1:
+            return self._step(hidden[:, 0], state)[:, None], None
         ops = get_ops(self.config.backend)
         k = self.config.d_conv
         x, z = self.in_proj(hidden).chunk(2, dim=-1)  # (b, l, d_inner) each
@@ -104,9 +108,9 @@ class MambaMixer(nn.Module):
         if state is not None:
             y, last = y
             state.ssm.copy_(last)
-        return self.out_proj(y.transpose(1, 2))  # (b, l, d_model)
+        return self.out_proj(y.transpose(1, 2)), None  # (b, l, d_model)
 
-    def step(self, hidden: torch.Tensor, state: MambaState) -> torch.Tensor:
+    def _step(self, hidden: torch.Tensor, state: MambaState) -> torch.Tensor:
         """One token: hidden (b, d_model) -> (b, d_model); ``state`` is updated in place."""
         ops = get_ops(self.config.backend)
         x, z = self.in_proj(hidden).chunk(2, dim=-1)  # (b, d_inner) each

@@ -6,9 +6,17 @@
 
 BlackMamba alternates Mamba and MoE layers (layer 0 Mamba); MoE-Mamba pairs them the same way;
 the baselines use only Mamba, or attention with MoE / dense MLPs. ``ModelConfig.layer_pattern``
-says which. Recurrent inference: ``init_state`` allocates each layer's state (a fixed-size
-MambaState, or a KVCache for attention), ``forward(ids, state=...)`` prefills it, and ``step``
-feeds one token at a time.
+says which (docs/paper-facts.md#presets).
+
+Every mixer has the same interface, so a block never asks which kind it holds:
+
+    mixer(h, state=None) -> (out, stats)     h, out (b, l, d); stats a RouterStats (MoE) or None
+    mixer.init_state(batch_size) -> state    MambaState, KVCache, or None (MoE and MLP keep none)
+
+Recurrent inference: ``init_state`` allocates each layer's state (a fixed-size MambaState, or a
+KVCache for attention), ``forward(ids, state=...)`` prefills it and updates it in place, and
+``step`` feeds one token: the same forward on a (b, 1) input, where a Mamba mixer given a state
+takes its one-token kernels (as mamba_ssm's Mamba does once its inference offset is past 0).
 
 Where the official code does the same: mamba_ssm/models/mixer_seq_simple.py (MixerModel,
 allocate_inference_cache), Zyphra/BlackMamba mamba_model.py.
@@ -48,39 +56,21 @@ class InferenceState:
     extra: dict = field(default_factory=dict)
 
 
+MIXERS = {"mamba": MambaMixer, "moe": MoE, "attention": CausalSelfAttention, "mlp": MLP}  # by layer kind
+
+
 class Block(nn.Module):
     """Pre-norm residual block: x + mixer(norm(x))."""
 
     def __init__(self, config: ModelConfig, kind: str):
         super().__init__()
-        self.kind = kind
         self.norm = make_norm(config.norm, config.d_model, config.norm_eps)
-        self.mixer = {"mamba": MambaMixer, "moe": MoE, "attention": CausalSelfAttention, "mlp": MLP}[kind](config)
+        self.mixer = MIXERS[kind](config)
 
-    def forward(self, x: torch.Tensor, state=None, pos: int = 0):
-        h = self.norm(x.to(self.norm.weight.dtype))
-        stats = None
-        if self.kind == "mamba":
-            h = self.mixer(h, state)
-        elif self.kind == "attention":
-            h = self.mixer(h, state, pos)
-        elif self.kind == "moe":
-            h, stats = self.mixer(h)
-        else:
-            h = self.mixer(h)
+    def forward(self, x: torch.Tensor, state=None) -> tuple[torch.Tensor, RouterStats | None]:
+        """x (b, l, d) -> (x + mixer(norm(x)), the mixer's stats); ``state`` is the mixer's, updated in place."""
+        h, stats = self.mixer(self.norm(x.to(self.norm.weight.dtype)), state)
         return x + h.to(x.dtype), stats
-
-    def step(self, x: torch.Tensor, state=None, pos: int = 0) -> torch.Tensor:
-        h = self.norm(x.to(self.norm.weight.dtype))
-        if self.kind == "mamba":
-            h = self.mixer.step(h, state)
-        elif self.kind == "attention":
-            h = self.mixer(h[:, None], state, pos)[:, 0]
-        elif self.kind == "moe":
-            h = self.mixer(h)[0]
-        else:
-            h = self.mixer(h)
-        return x + h.to(x.dtype)
 
 
 def make_norm(kind: str, d: int, eps: float) -> nn.Module:
@@ -105,7 +95,12 @@ class Model(nn.Module):
 
     @torch.no_grad()
     def _init_weights(self) -> None:
-        """Embedding (and untied head) N(0, init_std); output projections scaled by 1/sqrt(n_layer)."""
+        """Embedding (and untied head) N(0, init_std); output projections scaled by 1/sqrt(n_layer).
+
+        The output projections are every mixer's last matrix, the one writing into the residual
+        stream: Mamba and attention ``out_proj``, the dense MLP's ``fc2`` and the experts' ``w2``
+        (docs/paper-facts.md#initialization says where each family's rule comes from).
+        """
         nn.init.normal_(self.embedding.weight, std=self.config.init_std)
         if not self.config.tie_embeddings:
             nn.init.normal_(self.lm_head.weight, std=self.config.init_std)
@@ -121,18 +116,16 @@ class Model(nn.Module):
     # --- training / prefill ---------------------------------------------------------------------
     def forward(self, input_ids: torch.Tensor, state: InferenceState | None = None) -> ModelOutput:
         """input_ids (b, l) int64 -> ModelOutput. With ``state``, continue from it and update it in place."""
-        b, l = input_ids.shape
-        pos = 0 if state is None else state.seq_len
-        x = self.embedding(input_ids)
+        x = self.embedding(input_ids)  # (b, l, d)
         if self.config.residual_in_fp32:
             x = x.float()
         stats = []
         for i, layer in enumerate(self.layers):
-            x, s = layer(x, None if state is None else state.layers[i], pos)
+            x, s = layer(x, None if state is None else state.layers[i])
             if s is not None:
                 stats.append(s)
         if state is not None:
-            state.seq_len += l
+            state.seq_len += input_ids.shape[1]
         aux = sum((s.aux_loss for s in stats), torch.zeros((), device=x.device))
         return ModelOutput(self._logits(x), aux, stats)
 
@@ -145,23 +138,12 @@ class Model(nn.Module):
     # --- recurrent inference --------------------------------------------------------------------
     def init_state(self, batch_size: int, device=None, dtype=None) -> InferenceState:
         """Per-layer recurrent state for ``batch_size`` sequences, all at position 0."""
-        layers = [
-            layer.mixer.init_state(batch_size, device, dtype) if layer.kind in ("mamba", "attention") else None
-            for layer in self.layers
-        ]
-        return InferenceState(layers)
+        return InferenceState([layer.mixer.init_state(batch_size, device, dtype) for layer in self.layers])
 
     @torch.no_grad()
     def step(self, input_ids: torch.Tensor, state: InferenceState) -> torch.Tensor:
         """One token per sequence: input_ids (b,) or (b, 1) -> logits (b, vocab_size); state updated in place."""
-        input_ids = input_ids.reshape(-1)
-        x = self.embedding(input_ids)
-        if self.config.residual_in_fp32:
-            x = x.float()
-        for layer, s in zip(self.layers, state.layers):
-            x = layer.step(x, s, state.seq_len)
-        state.seq_len += 1
-        return self._logits(x)
+        return self.forward(input_ids.reshape(-1, 1), state).logits[:, 0]
 
     # --- bookkeeping ----------------------------------------------------------------------------
     def count_params(self) -> ParamCount:
@@ -170,7 +152,7 @@ class Model(nn.Module):
         total = sum(p.numel() for p in self.parameters())
         inactive = 0
         for layer in self.layers:
-            if layer.kind == "moe":
+            if isinstance(layer.mixer, MoE):
                 expert = layer.mixer.w1.numel() + layer.mixer.w2.numel()
                 inactive += expert // c.n_experts * (c.n_experts - c.top_k)
         emb = self.embedding.weight.numel() + (0 if c.tie_embeddings else self.lm_head.weight.numel())

@@ -10,12 +10,13 @@ Glossary (code name -> paper symbol):
                  w1 (E, 2*f, d) gate rows then up rows (SwiGLU / GeGLU), or (E, f, d) (ReLU); w2 (E, d, f)
 
 Routers:
-- ``route_sinkhorn`` (BlackMamba, SPEC §2): gate = sigmoid(logit) of the chosen expert; in training
-  the expert is the argmax of the Sinkhorn-balanced matrix over the local batch (no gradient
-  through the choice, only through the sigmoid); at inference the argmax of the sigmoid. No
-  capacity limit, nothing dropped, no auxiliary loss.
-- ``route_switch`` (MoE-Mamba, Switch Transformer, SPEC §3): softmax over experts, top-k, the
-  chosen probability is the gate; in training at most ``int(cf * T * k / E)`` token-slots per
+- ``route_sinkhorn`` (BlackMamba, docs/paper-facts.md#router-and-sinkhorn): gate = sigmoid(logit)
+  of the chosen expert; in training the expert is the argmax of the Sinkhorn-balanced matrix over
+  the local batch (no gradient through the choice, only through the sigmoid); at inference the
+  argmax of the sigmoid. No capacity limit, nothing dropped, no auxiliary loss.
+- ``route_switch`` (MoE-Mamba section 3, Switch Transformer sections 2.1-2.2;
+  docs/paper-facts.md#switch-router): softmax over experts, top-k, the chosen probability is the
+  gate; in training at most ``int(cf * T * k / E)`` token-slots per
   expert, in token order (all first choices before second choices), the rest dropped (they
   produce zero and ride the residual); auxiliary loss ``alpha * E * sum_e mean_t(p[t, e]) * f_e``
   with f_e the fraction of token-slots routed to e. At inference there is no capacity limit, so a
@@ -24,9 +25,16 @@ Routers:
   Sinkhorn: the top-k logits choose the experts in training as at inference, gate = sigmoid(logit),
   no balancing of any kind, no capacity limit, no auxiliary loss.
 
-Where the official code does the same: Zyphra/BlackMamba ``moe.py`` (router + sinkhorn),
-Megatron-LM ``megatron/core/transformer/moe/router.py``; Switch: ``mesh_tensorflow`` /
-``fairseq`` ``top1gating``.
+Numerics: the router's matmul runs in fp32 (input and weight cast, autocast off), as Switch
+Transformer's "selective precision" does (section 2.4), so under bf16 autocast the routes and gates
+are decided from fp32 logits. The Sinkhorn router's bias starts at 0, as Zyphra's ``_init_weights``
+zeroes every Linear bias; its weight keeps nn.Linear's default init, as there.
+
+Called as every mixer is: ``moe(x, state=None) -> (out, RouterStats)``; it keeps no state.
+
+Where the official code does the same: Zyphra/BlackMamba ``switch_mlp.py`` (``SwitchMLP``: router,
+sigmoid gate; ``sinkhorn``), Megatron-LM ``megatron/core/transformer/moe/router.py``; Switch:
+``mesh_tensorflow`` / ``fairseq`` ``top1gating``.
 """
 
 from __future__ import annotations
@@ -36,8 +44,6 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-
-from minimamba_moe.reference import expert_mlp
 
 from .config import ModelConfig
 from .ops import get_ops
@@ -97,7 +103,14 @@ def route_switch(logits: torch.Tensor, config: ModelConfig, training: bool):
     return expert_idx, gates, aux
 
 
-class MoE(nn.Module):
+class Stateless(nn.Module):
+    """A mixer that carries nothing from one token to the next (MoE, MLP)."""
+
+    def init_state(self, batch_size: int, device=None, dtype=None) -> None:
+        return None
+
+
+class MoE(Stateless):
     """x (b, l, d) -> (b, l, d): every token through its top-k experts, weighted by its gates."""
 
     def __init__(self, config: ModelConfig):
@@ -109,15 +122,23 @@ class MoE(nn.Module):
         self.w1 = nn.Parameter(torch.empty(E, f1, d))
         self.w2 = nn.Parameter(torch.empty(E, d, f))
         self.w2._is_output_projection = True  # Model scales these by 1/sqrt(n_layer) at init
-        with torch.no_grad():
+        with torch.no_grad():  # Megatron-LM's expert init: N(0, init_std), w2 then scaled
             self.w1.normal_(0.0, config.init_std)
             self.w2.normal_(0.0, config.init_std)
+            if self.router.bias is not None:
+                self.router.bias.zero_()
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, RouterStats]:
+    def router_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """x (T, d) -> logits (T, E) fp32, computed in fp32 even under autocast (see the module doc)."""
+        bias = None if self.router.bias is None else self.router.bias.float()
+        with torch.autocast(x.device.type, enabled=False):
+            return F.linear(x.float(), self.router.weight.float(), bias)
+
+    def forward(self, x: torch.Tensor, state: None = None) -> tuple[torch.Tensor, RouterStats]:
         c = self.config
         shape = x.shape
         x = x.reshape(-1, shape[-1])  # (T, d)
-        logits = self.router(x).float()  # (T, E), routing decisions in fp32
+        logits = self.router_logits(x)  # (T, E)
         zero = torch.zeros((), dtype=torch.int64, device=x.device)
         if c.router == "sinkhorn":
             expert_idx, gates, iters = route_sinkhorn(logits, c, self.training)
@@ -141,17 +162,19 @@ class MoE(nn.Module):
         return out.view(shape), stats
 
 
-class MLP(nn.Module):
-    """The dense MLP of the Transformer baseline: one expert, always on."""
+class MLP(Stateless):
+    """The dense MLP of the Transformer baseline: one expert, always on. mlp(x, state=None) -> (out, None)."""
 
     def __init__(self, config: ModelConfig):
         super().__init__()
-        self.activation = config.mlp_activation
+        self.config = config
         f = config.d_ff
-        self.fc1 = nn.Linear(config.d_model, f if self.activation == "relu" else 2 * f, bias=False)
+        self.fc1 = nn.Linear(config.d_model, f if config.mlp_activation == "relu" else 2 * f, bias=False)
         self.fc2 = nn.Linear(f, config.d_model, bias=False)
         self.fc2.weight._is_output_projection = True
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, state: None = None) -> tuple[torch.Tensor, None]:
         shape = x.shape
-        return expert_mlp(x.reshape(-1, shape[-1]), self.fc1.weight, self.fc2.weight, self.activation).view(shape)
+        out = get_ops(self.config.backend).expert_mlp(
+            x.reshape(-1, shape[-1]), self.fc1.weight, self.fc2.weight, self.config.mlp_activation)
+        return out.view(shape), None

@@ -2,7 +2,8 @@
 
 Each op here is written to be read and checked, not to be fast: explicit loops, fp32 compute,
 autograd for the gradients, a glossary mapping code names to paper symbols at the top of each file.
-The property tests in tests/test_reference_*.py hold these ops against the math (SPEC §1-§2).
+The property tests in tests/test_reference_*.py hold these ops against the math
+(docs/paper-facts.md#selective-scan, #router-and-sinkhorn).
 
 The rule: ``minimamba_moe.fast`` exports the same names with the same signatures and the same
 docstrings, so the model can switch between the two and a reader can diff them. Every fast op is

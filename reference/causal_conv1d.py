@@ -27,19 +27,12 @@ causal_conv1d_ref`` and ``causal_conv1d_update_ref``.
 import torch
 import torch.nn.functional as F
 
-from ._checks import check_ndim, check_shape, compute_dtype
-
-ACTIVATIONS = (None, "silu")
+from .checks import check_causal_conv1d, check_causal_conv1d_update, compute_dtype
 
 
 def _activate(out, activation):
     """Apply the activation named by ``activation`` (None or "silu")."""
     return F.silu(out) if activation == "silu" else out
-
-
-def _check_activation(activation):
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
 
 
 def causal_conv1d(x, weight, bias=None, conv_state=None, activation=None):
@@ -59,16 +52,7 @@ def causal_conv1d(x, weight, bias=None, conv_state=None, activation=None):
     Raises:
         ValueError: on a shape mismatch or an unknown activation.
     """
-    check_ndim("x", x, 3, "(b, d, l)")
-    b, d, l = x.shape
-    check_ndim("weight", weight, 2, "(d, k)")
-    k = weight.shape[1]
-    check_shape("weight", weight, (d, k))
-    if bias is not None:
-        check_shape("bias", bias, (d,))
-    if conv_state is not None:
-        check_shape("conv_state", conv_state, (b, d, k))
-    _check_activation(activation)
+    b, d, l, k = check_causal_conv1d(x, weight, bias, conv_state, activation)
 
     f = compute_dtype(x, weight, bias, conv_state)
     history = x.new_zeros(b, d, k - 1, dtype=f) if conv_state is None else conv_state[..., 1:].to(f)
@@ -100,13 +84,7 @@ def causal_conv1d_update(x, conv_state, weight, bias=None, activation=None):
     Raises:
         ValueError: on a shape mismatch or an unknown activation.
     """
-    check_ndim("conv_state", conv_state, 3, "(b, d, k)")
-    b, d, k = conv_state.shape
-    check_shape("x", x, (b, d))
-    check_shape("weight", weight, (d, k))
-    if bias is not None:
-        check_shape("bias", bias, (d,))
-    _check_activation(activation)
+    check_causal_conv1d_update(x, conv_state, weight, bias, activation)
 
     conv_state[..., :-1] = conv_state[..., 1:].clone()  # shift left by one (drop the oldest)
     conv_state[..., -1] = x  # the newest input goes last

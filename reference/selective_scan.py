@@ -1,4 +1,6 @@
-"""Selective state-space scan (Mamba-1), the plain-PyTorch reference. Math: SPEC §1 steps 1-6.
+"""Selective state-space scan (Mamba-1), the plain-PyTorch reference.
+
+Math: Mamba (Gu & Dao 2023) section 3.2, Algorithm 2; steps 1-6 of docs/paper-facts.md#selective-scan.
 
 Glossary (code name = paper symbol, shape in mamba_ssm's ``selective_scan_fn`` layout):
 
@@ -26,7 +28,7 @@ selective_state_update_ref`` (one decode step, same argument layout as below).
 import torch
 import torch.nn.functional as F
 
-from ._checks import check_ndim, check_shape, compute_dtype
+from .checks import check_selective_scan, check_selective_state_update, compute_dtype
 
 
 def selective_scan(
@@ -64,24 +66,7 @@ def selective_scan(
     Raises:
         ValueError: if a tensor's shape does not match the layout above.
     """
-    check_ndim("u", u, 3, "(b, d, l)")
-    b, d, l = u.shape
-    check_ndim("A", A, 2, "(d, n)")
-    n = A.shape[1]
-    check_shape("delta", delta, (b, d, l))
-    check_shape("A", A, (d, n))
-    check_shape("B", B, (b, n, l))
-    check_shape("C", C, (b, n, l))
-    if D is not None:
-        check_shape("D", D, (d,))
-    if z is not None:
-        check_shape("z", z, (b, d, l))
-    if delta_bias is not None:
-        check_shape("delta_bias", delta_bias, (d,))
-    if initial_state is not None:
-        check_shape("initial_state", initial_state, (b, d, n))
-    if l < 1:
-        raise ValueError(f"u must have length l >= 1, got shape {tuple(u.shape)}")
+    b, d, l, n = check_selective_scan(u, delta, A, B, C, D, z, delta_bias, initial_state)
 
     dtype_in = u.dtype
     f = compute_dtype(u, delta, A, B, C, D, z, delta_bias, initial_state)
@@ -138,19 +123,7 @@ def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, 
     Raises:
         ValueError: if a tensor's shape does not match the layout above.
     """
-    check_ndim("state", state, 3, "(b, d, n)")
-    b, d, n = state.shape
-    check_shape("x", x, (b, d))
-    check_shape("dt", dt, (b, d))
-    check_shape("A", A, (d, n))
-    check_shape("B", B, (b, n))
-    check_shape("C", C, (b, n))
-    if D is not None:
-        check_shape("D", D, (d,))
-    if z is not None:
-        check_shape("z", z, (b, d))
-    if dt_bias is not None:
-        check_shape("dt_bias", dt_bias, (d,))
+    check_selective_state_update(state, x, dt, A, B, C, D, z, dt_bias)
 
     dtype_in = x.dtype
     f = compute_dtype(state, x, dt, A, B, C, D, z, dt_bias)

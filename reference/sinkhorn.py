@@ -13,7 +13,7 @@ One pass: d0 = (1/T) / (c @ d1 + eps) makes every row sum 1/T; then d1 = (1/E) /
 makes every column sum 1/E (exact, up to eps). Repeating the pair converges to the unique P with
 both marginals (Sinkhorn-Knopp). The router then sends token t to argmax_e P[t, e].
 
-Options (SPEC §2):
+Options (docs/paper-facts.md#router-and-sinkhorn):
 - ``init="blackmamba"``: d1 = 1 / (E * colsum(c)), the BlackMamba paper's "novel initialization"
   (already normalizes the columns once). ``init="uniform"``: d1 = 1, as in Megatron-LM upstream.
 - ``stopping="absolute"`` (as released): stop when mean|d1 - d1_old| < tol.
@@ -21,8 +21,8 @@ Options (SPEC §2):
   row marginals (columns are exact right after the d1 update), which is scale-free.
 - ``logit_scale``: released BlackMamba uses exp(2 * logits); Megatron-LM upstream exp(logits).
 
-The finding (SPEC §2), stated rather than hidden: with the blackmamba init, d1 starts at
-1 / (E * colsum(c)), which is O(1 / (E * T * mean(c))). Both d1_old and the updated d1 are that small,
+The finding about BlackMamba's "novel initialization" (docs/paper-facts.md#router-and-sinkhorn),
+stated rather than hidden: with the blackmamba init, d1 starts at 1 / (E * colsum(c)), which is O(1 / (E * T * mean(c))). Both d1_old and the updated d1 are that small,
 so their mean absolute difference is below tol = 1e-4 as soon as E * T * mean(c) is beyond about
 1e4 — i.e. for any realistic batch the released absolute rule stops after exactly one pass,
 whatever the logits. "Converges in one iteration" is then an artifact of an absolute tolerance on a
@@ -47,10 +47,7 @@ scale 2, absolute rule) and Megatron-LM ``megatron/core/transformer/moe/moe_util
 
 import torch
 
-from ._checks import check_ndim, compute_dtype
-
-INITS = ("blackmamba", "uniform")
-STOPPING_RULES = ("absolute", "marginal")
+from .checks import check_sinkhorn, compute_dtype
 
 
 def sinkhorn(logits, init="blackmamba", stopping="absolute", tol=1e-4, max_iters=100, eps=1e-8, logit_scale=2.0):
@@ -73,13 +70,7 @@ def sinkhorn(logits, init="blackmamba", stopping="absolute", tol=1e-4, max_iters
     Raises:
         ValueError: on a bad init, stopping rule, max_iters or logits shape.
     """
-    check_ndim("logits", logits, 2, "(T, E)")
-    if init not in INITS:
-        raise ValueError(f"init must be one of {INITS}, got {init!r}")
-    if stopping not in STOPPING_RULES:
-        raise ValueError(f"stopping must be one of {STOPPING_RULES}, got {stopping!r}")
-    if not isinstance(max_iters, int) or max_iters < 1:
-        raise ValueError(f"max_iters must be an integer >= 1, got {max_iters!r}")
+    check_sinkhorn(logits, init, stopping, max_iters)
 
     T, E = logits.shape
     c = torch.exp(logit_scale * logits.to(compute_dtype(logits)))  # (T, E)

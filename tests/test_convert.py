@@ -1,6 +1,6 @@
 """The Zyphra (released BlackMamba) converter, held against a forward pass written here from the math.
 
-The synthetic checkpoint has the released key layout (SPEC §2) at a tiny size, bf16, saved as
+The synthetic checkpoint has the released key layout (docs/paper-facts.md#released-checkpoints) at a tiny size, bf16, saved as
 ``{"model": state_dict}`` like pytorch_model.bin. ``reference_logits`` below reads those same
 tensors and computes the logits with its own loops (RMSNorm, causal conv, selective scan over
 time, sigmoid-argmax routing, gate/up halves of linear_fc1, final LayerNorm, tied head), sharing no

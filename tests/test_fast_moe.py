@@ -60,7 +60,7 @@ cases = st.fixed_dictionaries({
     "d": st.sampled_from([4, 6, 8, 16, 12]),  # 6, 12 are not 16-byte aligned: the fallback path
     "f": st.sampled_from([4, 5, 8, 16]),
     "E": st.integers(1, 8),
-    "activation": st.sampled_from(reference.moe.ACTIVATIONS),
+    "activation": st.sampled_from(reference.checks.ACTIVATIONS),
     "routing": st.sampled_from(ROUTINGS),
     "cf": st.floats(0.1, 2.0),
 }).flatmap(lambda c: st.fixed_dictionaries({**{n: st.just(v) for n, v in c.items()},
@@ -107,7 +107,7 @@ def test_forward_without_gradients_matches_reference(block_bytes, dtype, case):
 
 
 @given(seed=st.integers(0, 2**31 - 1), T=st.integers(1, 12), E=st.integers(1, 5),
-       activation=st.sampled_from(reference.moe.ACTIVATIONS))
+       activation=st.sampled_from(reference.checks.ACTIVATIONS))
 def test_k_equals_E_is_the_dense_mixture(seed, T, E, activation):
     """Every token to every expert: out[t] = Σ_e gates[t, e] * expert_e(x[t]), computed densely."""
     x, idx, gates, w1, w2 = make_case(seed, T, 8, 4, E, E, activation, "random")
@@ -166,6 +166,25 @@ def test_bad_arguments_raise_like_the_reference():
         with pytest.raises(ValueError) as got:
             fast.moe_experts(*bad)
         assert str(got.value) == str(want.value)
+
+
+@pytest.mark.parametrize("requires_grad", [False, True])
+def test_an_expert_index_equal_to_n_experts_raises_in_both_backends(requires_grad):
+    """The boundary of [0, E): E itself is out of range (an off-by-one would read past the last expert)."""
+    x, idx, gates, w1, w2 = make_case(0, 6, 8, 4, 3, 2, "swiglu", "random")
+    E = w2.shape[0]
+    x.requires_grad_(requires_grad)
+    idx = idx.clone()
+    idx[2, 1] = E
+    with pytest.raises(ValueError) as want:
+        reference.moe_experts(x, idx, gates, w1, w2, "swiglu")
+    assert f"[0, {E})" in str(want.value) and f", {E}]" in str(want.value)
+    with pytest.raises(ValueError) as got:
+        fast.moe_experts(x, idx, gates, w1, w2, "swiglu")
+    assert str(got.value) == str(want.value)
+    idx[2, 1] = E - 1  # the last expert is in range
+    args = (x, idx, gates, w1, w2, "swiglu")
+    assert_close(fast.moe_experts(*args), reference.moe_experts(*args), atol=1e-5, rtol=1e-5, what="last expert")
 
 
 def test_routing_never_reads_device_values_on_the_host():

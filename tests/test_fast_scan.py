@@ -45,7 +45,7 @@ def make_inputs(seed, b, d, n, l, flags, realistic=False):
     def randn(*shape):
         return torch.randn(*shape, generator=g, dtype=torch.float64)
 
-    if realistic:  # SPEC §1 init: A = -(1..n), softplus(bias) = dt in [1e-3, 1e-1]
+    if realistic:  # Mamba's init (docs/paper-facts.md#initialization): A = -(1..n), softplus(bias) = dt in [1e-3, 1e-1]
         A = -torch.arange(1, n + 1, dtype=torch.float64).expand(d, n).clone()
         dt = torch.exp(torch.rand(d, generator=g, dtype=torch.float64) * (torch.log(torch.tensor(100.0))) - 6.9)
         bias = dt + torch.log(-torch.expm1(-dt))

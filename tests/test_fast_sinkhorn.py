@@ -15,7 +15,7 @@ from hypothesis import assume, given
 from hypothesis import strategies as st
 
 from minimamba_moe import fast, reference
-from minimamba_moe.reference.sinkhorn import INITS, STOPPING_RULES
+from minimamba_moe.reference.checks import SINKHORN_INITS, SINKHORN_STOPPINGS
 from tests.helpers import assert_close
 
 MAX_ITERS = 40
@@ -23,8 +23,8 @@ P_RTOL = 2e-5
 ROUTE_GAP = 1e-3
 TOL_WIGGLE = 1e-2
 
-inits = st.sampled_from(INITS)
-rules = st.sampled_from(STOPPING_RULES)
+inits = st.sampled_from(SINKHORN_INITS)
+rules = st.sampled_from(SINKHORN_STOPPINGS)
 
 
 def random_logits(seed, T, E, sigma, dtype=torch.float32):

@@ -6,6 +6,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from minimamba_moe import ModelConfig
+from minimamba_moe.config import ACTIVATIONS
 from minimamba_moe.moe import MLP, MoE
 from minimamba_moe.reference import sinkhorn
 from tests.helpers import assert_close
@@ -24,7 +25,7 @@ def make_moe(seed=0, **fields) -> MoE:
 moe_fields = st.fixed_dictionaries({
     "n_experts": st.integers(1, 6),
     "router": st.sampled_from(["switch", "sinkhorn"]),
-    "mlp_activation": st.sampled_from(["swiglu", "geglu", "relu"]),
+    "mlp_activation": st.sampled_from(ACTIVATIONS),
     "seed": st.integers(0, 2**16),
 }).flatmap(lambda d: st.fixed_dictionaries({
     **{k: st.just(v) for k, v in d.items()},
@@ -76,7 +77,7 @@ def test_normalize_top_k_makes_gates_sum_to_one():
     assert_close(gates.sum(-1), torch.ones(20), atol=1e-6, rtol=0, what="gate sums")
 
 
-@pytest.mark.parametrize("activation", ["swiglu", "geglu", "relu"])
+@pytest.mark.parametrize("activation", ACTIVATIONS)
 def test_one_expert_equals_the_dense_mlp(activation):
     """E = 1, switch router: the softmax over one expert is 1, so the layer is the dense MLP."""
     moe = make_moe(n_experts=1, mlp_activation=activation, d_expert=12)
@@ -85,7 +86,7 @@ def test_one_expert_equals_the_dense_mlp(activation):
         mlp.fc1.weight.copy_(moe.w1[0])
         mlp.fc2.weight.copy_(moe.w2[0])
     x = torch.randn(2, 7, 16, dtype=torch.float64)
-    assert_close(moe.double()(x)[0], mlp.double()(x), atol=1e-12, rtol=1e-12, what="MoE(E=1) vs MLP")
+    assert_close(moe.double()(x)[0], mlp.double()(x)[0], atol=1e-12, rtol=1e-12, what="MoE(E=1) vs MLP")
 
 
 @given(fields=moe_fields, T=st.integers(2, 25), seed=st.integers(0, 1000))
@@ -126,3 +127,28 @@ def test_switch_aux_loss_with_uniform_router_probabilities_equals_its_coefficien
         moe.router.weight.zero_()
     _, stats = moe.train()(torch.randn(1, 30, 16))
     assert abs(stats.aux_loss.item() - 0.01) < 1e-7
+
+
+@pytest.mark.parametrize("router", ["switch", "sinkhorn"])
+def test_router_logits_are_computed_in_fp32_under_bf16_autocast(router):
+    """Routing is decided in fp32 (Switch's selective precision): autocast must not round the router matmul."""
+    moe = make_moe(router=router, n_experts=6)
+    x = torch.randn(1, 40, 16)
+    bias = None if moe.router.bias is None else moe.router.bias.detach()
+    exact = torch.nn.functional.linear(x[0], moe.router.weight.detach(), bias)  # fp32, no autocast
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = moe.router_logits(x[0])
+        _, stats = moe.eval()(x)
+    assert logits.dtype == torch.float32
+    assert torch.equal(logits, exact), f"max abs error {(logits - exact).abs().max().item():.3g}"
+    assert torch.equal(stats.tokens_per_expert, torch.bincount(exact.argmax(1), minlength=6))
+
+
+def test_router_stats_report_the_sinkhorn_passes():
+    moe = make_moe(router="sinkhorn", sinkhorn_stopping="marginal", sinkhorn_tol=1e-6, sinkhorn_max_iters=50)
+    x = torch.randn(1, 64, 16)
+    _, stats = moe.train()(x)
+    _, n_iters = sinkhorn(moe.router_logits(x[0]), stopping="marginal", tol=1e-6, max_iters=50)
+    assert stats.sinkhorn_iters.dtype == torch.int64 and int(stats.sinkhorn_iters) == int(n_iters) >= 1
+    assert int(moe.eval()(x)[1].sinkhorn_iters) == 0, "no Sinkhorn at inference"
+    assert int(make_moe(router="switch").train()(x)[1].sinkhorn_iters) == 0, "the switch router runs no Sinkhorn"

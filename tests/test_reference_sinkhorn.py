@@ -14,6 +14,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from minimamba_moe.reference import sinkhorn
+from minimamba_moe.reference.checks import SINKHORN_INITS, SINKHORN_STOPPINGS
 from tests.helpers import assert_close
 
 EXACT_EPS = 0.0  # no division guard: the fixed point is exactly balanced
@@ -28,7 +29,7 @@ UNIFORM_RTOL = 1e-5  # eps = 1e-8 over denominators as small as c = exp(2 * -3) 
 BALANCE_BOUND = 1.5  # max load / mean load; see test_converged_sinkhorn_spreads_a_shared_preference
 
 seeds = st.integers(0, 2**31 - 1)
-inits = st.sampled_from(["blackmamba", "uniform"])
+inits = st.sampled_from(SINKHORN_INITS)
 
 
 def random_logits(seed, T, E, sigma, dtype=torch.float64):
@@ -68,7 +69,7 @@ def test_both_stopping_rules_reach_the_same_limit(seed, T, E, sigma, init):
     assert_close(P_abs, P_marg, atol=0, rtol=INVARIANCE_RTOL, what="absolute-rule P vs marginal-rule P")
 
 
-@given(seeds, st.integers(1, 64), st.integers(1, 16), inits, st.sampled_from(["absolute", "marginal"]))
+@given(seeds, st.integers(1, 64), st.integers(1, 16), inits, st.sampled_from(SINKHORN_STOPPINGS))
 def test_n_iters_within_cap(seed, T, E, init, stopping):
     cap = 3
     _, n = sinkhorn(random_logits(seed, T, E, 2.0), init=init, stopping=stopping, tol=0.0, max_iters=cap)
@@ -88,7 +89,7 @@ def test_per_token_constant_does_not_change_routes(seed, T, E, sigma, init):
     assert torch.equal(P.argmax(1)[clear], P2.argmax(1)[clear])
 
 
-@given(st.integers(1, 64), st.integers(1, 16), st.floats(-3.0, 3.0), inits, st.sampled_from(["absolute", "marginal"]),
+@given(st.integers(1, 64), st.integers(1, 16), st.floats(-3.0, 3.0), inits, st.sampled_from(SINKHORN_STOPPINGS),
        st.sampled_from([torch.float32, torch.float64]))
 def test_constant_logits_give_uniform_P(T, E, value, init, stopping, dtype):
     P, _ = sinkhorn(torch.full((T, E), value, dtype=dtype), init=init, stopping=stopping)

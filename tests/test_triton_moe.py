@@ -28,7 +28,7 @@ cases = st.fixed_dictionaries({
     "d": st.sampled_from([8, 33]),  # 33: a partial 32-deep K tile and a partial 64-wide output tile
     "f": st.sampled_from([5, 70]),  # 70: two hidden-unit blocks, the second partial
     "E": st.integers(1, 6),
-    "activation": st.sampled_from(reference.moe.ACTIVATIONS),
+    "activation": st.sampled_from(reference.checks.ACTIVATIONS),
     "routing": st.sampled_from(ROUTINGS),
     "cf": st.floats(0.1, 2.0),
 }).flatmap(lambda c: st.fixed_dictionaries({**{n: st.just(v) for n, v in c.items()},
