@@ -19,7 +19,6 @@ Scale to the papers on a GPU: --d_model 1152 --n_layer 30 --n_experts 8 --d_expe
 from __future__ import annotations
 
 import statistics
-import time
 
 import torch
 

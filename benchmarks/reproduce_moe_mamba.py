@@ -24,6 +24,8 @@ with --data pointing at C4 text.
 
 from __future__ import annotations
 
+import statistics
+
 import torch
 
 from common import (add_data_args, base_parser, describe, ema, equal_active_configs, machine, plot, prepare, spread,
@@ -108,7 +110,7 @@ def main():
                         label=names[f] if i == 0 else None)
             if r["moe_steps_to_mamba_final"]:
                 ax.axvline(r["moe_steps_to_mamba_final"], color="tab:red", ls=":", lw=0.8)
-        ax.axhline(statistics_mean([r["mamba"]["smoothed"][-1] for r in runs]), color="tab:blue", ls="--", lw=0.8)
+        ax.axhline(statistics.fmean(r["mamba"]["smoothed"][-1] for r in runs), color="tab:blue", ls="--", lw=0.8)
         lo = min(min(r[f]["smoothed"][-1] for f in configs) for r in runs)
         ax.set_ylim(lo - 0.1, lo + 1.2)
         ax.set_xlabel("training step")
@@ -120,10 +122,6 @@ def main():
         return fig
 
     plot(args.png, draw)
-
-
-def statistics_mean(xs):
-    return sum(xs) / len(xs)
 
 
 if __name__ == "__main__":

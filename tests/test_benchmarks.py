@@ -91,8 +91,6 @@ def test_bench_generate_without_matplotlib(tmp):
 
 
 def test_bench_train(tmp, corpus):
-    from minimamba_moe.config import ModelConfig  # noqa: F401  (the package is importable)
-
     r = run("bench_train", tmp, corpus)
     tokens = r["tokens_per_step"]
     for fam, m in r["models"].items():
