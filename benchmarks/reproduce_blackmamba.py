@@ -62,7 +62,7 @@ def main():
     p.add_argument("--seq_len", type=int, default=128)
     p.add_argument("--steps", type=int, default=250, help="steps of the Mamba+MoE model; sets the FLOP budget")
     p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--seeds", default="0,1")
+    p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--eval_batches", type=int, default=8)
     args = p.parse_args()
     if args.quick:

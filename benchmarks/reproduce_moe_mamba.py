@@ -54,7 +54,7 @@ def main():
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--lr", type=float, default=2e-3, help="peak LR of Mamba (and of MoE-Mamba unless --lr_moe)")
     p.add_argument("--lr_moe", type=float, default=None)
-    p.add_argument("--seeds", default="0,1")
+    p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--ema_alpha", type=float, default=0.05, help="smoothing of the training loss (paper: 0.001 over 150K steps)")
     p.add_argument("--eval_batches", type=int, default=8)
     args = p.parse_args()
