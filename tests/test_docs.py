@@ -166,6 +166,19 @@ RUN_ELSEWHERE = {
     "python sample.py": ("tests/test_sample.py", "test_sample_py_default_checkpoint_stdin_and_prompt_file"),
     'echo "def " | python sample.py --temperature 0.7 --top_k 50':
         ("tests/test_sample.py", "test_sample_py_default_checkpoint_stdin_and_prompt_file"),
+    # The benchmarks page: each script's full run takes minutes to hours; its test runs it small.
+    "python benchmarks/bench_generate.py --out benchmarks/results/bench_generate.json --png docs/figures/bench_generate.png":
+        ("tests/test_benchmarks.py", "test_bench_generate"),
+    "python benchmarks/reproduce_moe_mamba.py --out benchmarks/results/reproduce_moe_mamba.json --png docs/figures/reproduce_moe_mamba.png":
+        ("tests/test_benchmarks.py", "test_reproduce_moe_mamba"),
+    "python benchmarks/reproduce_moe_mamba.py --steps 1000 --out benchmarks/results/reproduce_moe_mamba_1000.json --png docs/figures/reproduce_moe_mamba_1000.png":
+        ("tests/test_benchmarks.py", "test_reproduce_moe_mamba"),
+    "python benchmarks/reproduce_blackmamba.py --out benchmarks/results/reproduce_blackmamba.json --png docs/figures/reproduce_blackmamba.png":
+        ("tests/test_benchmarks.py", "test_reproduce_blackmamba"),
+    "python benchmarks/ablate_routers.py --out benchmarks/results/ablate_routers.json --png docs/figures/ablate_routers.png":
+        ("tests/test_benchmarks.py", "test_ablate_routers"),
+    "python benchmarks/bench_train.py --out benchmarks/results/bench_train.json --png docs/figures/bench_train.png":
+        ("tests/test_benchmarks.py", "test_bench_train"),
 }
 
 
@@ -236,7 +249,7 @@ def test_every_listed_command_is_on_a_page_and_its_runner_exists():
         source = (ROOT / where).read_text(encoding="utf-8")
         words = cmd.split()
         modules = [words[i + 1] for i, w in enumerate(words[:-1]) if w == "-m"]  # python -m <module>
-        script = next((Path(w).name for w in words if w.endswith(".py")), None) or (modules[0] if modules else None)
+        script = next((Path(w).stem for w in words if w.endswith(".py")), None) or (modules[0] if modules else None)
         assert script and script in source, f"{where} does not run {script!r} (listed for {cmd!r})"
         if test:
             assert re.search(rf"^def {test}\(", source, re.M), f"{where} has no test {test} (listed for {cmd!r})"

@@ -58,12 +58,17 @@ def site(tmp_path_factory):
                            cwd=ROOT, capture_output=True, text=True, env={**os.environ, "NO_MKDOCS_2_WARNING": "1"})
     assert build.returncode == 0, f"mkdocs build --strict failed:\n{build.stdout}\n{build.stderr}"
     handler = functools.partial(_QuietHandler, directory=str(out))
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    server = _Server(("127.0.0.1", 0), handler)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     yield out, f"http://127.0.0.1:{server.server_address[1]}"
     server.shutdown()
     shutil.rmtree(out, ignore_errors=True)
+
+
+class _Server(http.server.ThreadingHTTPServer):
+    request_queue_size = 128  # Chromium opens several connections at once; the default backlog of 5
+    daemon_threads = True     # refused some of them on a loaded machine (ERR_SOCKET_NOT_CONNECTED)
 
 
 class _QuietHandler(http.server.SimpleHTTPRequestHandler):
