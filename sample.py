@@ -11,33 +11,54 @@ state (each Mamba layer's conv tail and last SSM state; the KV cache of attentio
 1000th token costs what the 10th did; a Transformer baseline's KV cache fills up to max_seq_len.
 Text is printed as it is produced; at the end the prefill and decode speeds go to stderr.
 
-Errors (missing or damaged checkpoint, config and weights that disagree, a prompt longer than a
-Transformer's context, ...) print one line to stderr and exit with status 1.
+Errors print one line to stderr (--debug or MINIMAMBA_DEBUG=1: the traceback) and exit with status
+2 for a bad argument, 1 for anything else (missing or damaged checkpoint, config and weights that
+disagree, a model too big for this machine, a prompt longer than a Transformer's context, ...).
+An interrupted training save in the folder is undone first, as train.py --resume does.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import time
 
 import torch
 
-from minimamba_moe.checkpoint import DEFAULT_OUT_DIR, CheckpointError, load_model, save_model
+from minimamba_moe.checkpoint import (DEFAULT_OUT_DIR, CheckpointError, check_finite, load_model, read_config,
+                                      recover_interrupted_save, save_model)
+from minimamba_moe.cli import run_main, set_threads
 from minimamba_moe.config import BACKENDS, ConfigError
 from minimamba_moe.convert import ACTIVATIONS, DEFAULT_ACTIVATION, load_zyphra, stored_tokenizer_spec
 from minimamba_moe.generate import StreamDecoder, generate_tokens
+from minimamba_moe.memory import MemoryCheckError, check_fits, inference_memory
 from minimamba_moe.tokenizer import TokenizerError, load_tokenizer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 class SampleError(ValueError):
-    """Bad arguments or input; the message says what to change."""
+    """Bad input (a prompt, a checkpoint's contents); the message says what to change."""
+
+
+class UsageError(SampleError):
+    """A bad command-line argument."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, raised (not printed with the usage and exited)
+        raise UsageError(message)
+
+
+def _bool(text: str) -> bool:
+    if text.lower() not in ("true", "false", "1", "0", "yes", "no"):
+        raise ValueError(text)
+    return text.lower() in ("true", "1", "yes")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = _Parser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
     src = ap.add_argument_group("model")
     src.add_argument("ckpt_dir", nargs="?", metavar="CKPT", help="checkpoint folder, same as --ckpt")
     src.add_argument("--ckpt", default=DEFAULT_OUT_DIR, help=f"checkpoint folder (default: {DEFAULT_OUT_DIR})")
@@ -60,18 +81,23 @@ def parse_args(argv=None) -> argparse.Namespace:
     r = ap.add_argument_group("runtime")
     r.add_argument("--backend", choices=BACKENDS, help="kernels (default: the checkpoint's)")
     r.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
-    r.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice; 1 is often "
-                   "fastest for small models on a busy machine)")
+    r.add_argument("--threads", type=int, default=0, help="CPU threads for torch (default 0 = auto, as train.py: "
+                   "1 for a model under 100M parameters on the CPU, else torch's default)")
     r.add_argument("--dtype", choices=["auto", *DTYPES], default="auto",
                    help="weights' dtype (default: bfloat16 on a GPU or with --zyphra, else float32)")
+    r.add_argument("--check_memory", type=_bool, default=True, metavar="BOOL",
+                   help="refuse a model bigger than the memory this machine has (default: true)")
+    r.add_argument("--debug", action="store_true", help="show the traceback of an error")
     args = ap.parse_args(argv)
     args.ckpt = args.ckpt_dir or args.ckpt
     if args.num_samples < 1 or args.max_new_tokens < 1:
-        raise SampleError("--num_samples and --max_new_tokens must be at least 1.")
-    if args.temperature < 0 or not 0 < args.top_p <= 1 or args.top_k < 0:
-        raise SampleError("Need --temperature >= 0, 0 < --top_p <= 1 and --top_k >= 0.")
+        raise UsageError("--num_samples and --max_new_tokens must be at least 1.")
+    if not (math.isfinite(args.temperature) and args.temperature >= 0) or not 0 < args.top_p <= 1 or args.top_k < 0:
+        raise UsageError("Need a finite --temperature >= 0, 0 < --top_p <= 1 and --top_k >= 0.")
+    if args.threads < 0:
+        raise UsageError(f"--threads {args.threads}: expected 0 (auto) or a positive number.")
     if args.prompt is not None and args.prompt_file is not None:
-        raise SampleError("Give --prompt or --prompt_file, not both.")
+        raise UsageError("Give --prompt or --prompt_file, not both.")
     return args
 
 
@@ -81,9 +107,9 @@ def pick_device_dtype(args) -> tuple[torch.device, torch.dtype]:
     try:
         device = torch.device(args.device)
     except RuntimeError:
-        raise SampleError(f"--device {args.device} is not a device name (cpu, cuda, cuda:1, ...).") from None
+        raise UsageError(f"--device {args.device} is not a device name (cpu, cuda, cuda:1, ...).") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise SampleError(f"--device {args.device}: no CUDA GPU is available here; use --device cpu.")
+        raise UsageError(f"--device {args.device}: no CUDA GPU is available here; use --device cpu.")
     if args.dtype != "auto":
         return device, DTYPES[args.dtype]
     return device, torch.bfloat16 if (device.type == "cuda" or args.zyphra) else torch.float32
@@ -93,7 +119,7 @@ def load(args, device, dtype):
     """(model in eval mode on device, tokenizer)."""
     if args.zyphra:
         if not args.tokenizer:
-            raise SampleError("--zyphra needs --tokenizer PATH/tokenizer.json (GPT-NeoX's, from EleutherAI/gpt-neox-20b).")
+            raise UsageError("--zyphra needs --tokenizer PATH/tokenizer.json (GPT-NeoX's, from EleutherAI/gpt-neox-20b).")
         tok = load_tokenizer(args.tokenizer)
         model = load_zyphra(args.zyphra, args.activation, tok, dtype).to(device)
         n = model.count_params()
@@ -103,7 +129,13 @@ def load(args, device, dtype):
             save_model(model, args.save_converted, tokenizer=stored_tokenizer_spec(args.tokenizer))
             print(f"saved the converted checkpoint to {args.save_converted}", file=sys.stderr)
     else:
+        recover_interrupted_save(args.ckpt)  # before anything reads the folder
+        config, _ = read_config(args.ckpt)
+        if args.check_memory:
+            check_fits(inference_memory(config, dtype), device, lower="this checkpoint's config.json describes a "
+                       "model too big for this machine (--check_memory=false tries anyway)")
         model, extra = load_model(args.ckpt, device, dtype)
+        check_finite(model.state_dict())
         spec = args.tokenizer or extra.get("tokenizer")
         if spec is None:
             raise SampleError(f"{args.ckpt}/config.json names no tokenizer; pass --tokenizer (bytes, gpt2, ...).")
@@ -116,15 +148,23 @@ def load(args, device, dtype):
 
 
 def read_prompt(args) -> str:
+    """The prompt from --prompt, --prompt_file or standard input; UTF-8 only."""
     if args.prompt is not None:
-        return args.prompt
-    if args.prompt_file is not None:
+        where, raw = "--prompt", args.prompt.encode("utf-8", errors="surrogateescape")  # argv's undecodable bytes
+    elif args.prompt_file is not None:
         try:
-            with open(args.prompt_file, encoding="utf-8") as f:
-                return f.read()
+            with open(args.prompt_file, "rb") as f:
+                where, raw = f"--prompt_file {args.prompt_file}", f.read()
         except OSError as e:
             raise SampleError(f"Cannot read --prompt_file {args.prompt_file}: {e.strerror}.") from None
-    return "" if sys.stdin is None or sys.stdin.isatty() else sys.stdin.read()
+    elif sys.stdin is None or sys.stdin.isatty():
+        return ""
+    else:
+        where, raw = "the standard input", sys.stdin.buffer.read()
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise SampleError(f"The prompt from {where} is not UTF-8 text; convert it to UTF-8.") from None
 
 
 def fit_context(model, n_prompt: int, max_new_tokens: int) -> int:
@@ -144,10 +184,9 @@ def fit_context(model, n_prompt: int, max_new_tokens: int) -> int:
 def main(argv=None) -> None:
     args = parse_args(argv)
     torch.manual_seed(args.seed)
-    if args.threads:
-        torch.set_num_threads(args.threads)
     device, dtype = pick_device_dtype(args)
     model, tok = load(args, device, dtype)
+    set_threads(args.threads, device, model.count_params().total)  # the policy train.py follows too
 
     text = read_prompt(args)
     ids = tok.encode(text)
@@ -196,8 +235,7 @@ def main(argv=None) -> None:
     print(report, file=sys.stderr)
 
 
+ERRORS = (SampleError, CheckpointError, ConfigError, TokenizerError, MemoryCheckError)  # each reported in one line
+
 if __name__ == "__main__":
-    try:
-        main()
-    except (SampleError, CheckpointError, ConfigError, TokenizerError) as e:
-        sys.exit(f"sample.py: error: {e}")
+    sys.exit(run_main(main, sys.argv[1:], "sample.py", (UsageError,), ERRORS))

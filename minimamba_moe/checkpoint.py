@@ -10,17 +10,31 @@ Each file is written under a temporary name in the same folder and renamed over 
 (``os.replace`` is atomic on POSIX), so a kill during a save leaves the previous checkpoint intact.
 A training checkpoint is three files renamed one after another: before the renames, the old files
 get a second name (a hard link ``.<name>.prev``), so that a kill between two renames can be undone
-by ``recover_interrupted_save`` (train.py runs it before reading the folder); the links go once
-all three renames are done.
+by ``recover_interrupted_save`` (train.py and sample.py run it before reading the folder); the
+links go once all three renames are done. A save holds an exclusive ``flock`` on the folder, and
+recovery waits for it, so a reader never undoes a save that is still running.
+
+config.json records a SHA-256 digest of every file of the checkpoint (``"sha256"``: the weights, the
+training state, and config.json's own fields), and loading checks them, naming a file that does not
+match: a flipped byte is refused instead of trained on. (To load a hand-edited config.json, delete
+its ``"sha256"`` entry: a checkpoint without digests is loaded unchecked.)
 Loading never unpickles anything: safetensors and JSON hold only tensors, numbers and strings.
+Weights with a nan or inf are never saved.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import os
 import tempfile
 from pathlib import Path
+
+try:
+    import fcntl
+except ImportError:  # not POSIX: saves are not locked against a concurrent recovery
+    fcntl = None
 
 import torch
 from safetensors import SafetensorError
@@ -69,9 +83,43 @@ def save_model(model: Model, out_dir: str | os.PathLike, **extra) -> None:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.cpu() for k, v in model_tensors(model).items()}
+    check_finite(tensors)
     atomic_write(out_dir / WEIGHTS, lambda p: save_file(tensors, p, metadata={"format": str(FORMAT)}))
     meta = {"format": FORMAT, "model": model.config.to_dict(), **extra}
-    atomic_write(out_dir / CONFIG, lambda p: Path(p).write_text(json.dumps(meta, indent=2) + "\n"))
+    atomic_write(out_dir / CONFIG, lambda p: Path(p).write_text(config_text(meta, {WEIGHTS: file_digest(out_dir / WEIGHTS)})))
+
+
+# --- checksums ---------------------------------------------------------------------------------------
+def file_digest(path: str | os.PathLike) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def _fields_digest(meta: dict) -> str:
+    return hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()
+
+
+def config_text(meta: dict, digests: dict[str, str]) -> str:
+    """config.json's text: ``meta`` plus the digests of the other files and of meta's own fields."""
+    return json.dumps({**meta, "sha256": {**digests, CONFIG: _fields_digest(meta)}}, indent=2) + "\n"
+
+
+def verify_files(ckpt_dir: str | os.PathLike, meta: dict, names: tuple[str, ...]) -> None:
+    """Raise CheckpointError naming the first of ``names`` whose digest differs from config.json's record."""
+    recorded = meta.get("sha256") or {}
+    for name in names:
+        path = Path(ckpt_dir) / name
+        if name in recorded and path.is_file() and file_digest(path) != recorded[name]:
+            raise CheckpointError(f"{path} does not match the SHA-256 digest recorded in config.json: the file is "
+                                  "damaged or was changed; restore it from a copy, or train again.")
+
+
+def check_finite(tensors: dict[str, torch.Tensor]) -> None:
+    """Raise CheckpointError naming a floating-point tensor holding a nan or inf."""
+    for name, t in tensors.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise CheckpointError(f"the weights hold nan or inf values (first in {name}): a model that diverged "
+                                  "is not saved (or sampled from).")
 
 
 def read_config(ckpt_dir: str | os.PathLike) -> tuple[ModelConfig, dict]:
@@ -80,9 +128,15 @@ def read_config(ckpt_dir: str | os.PathLike) -> tuple[ModelConfig, dict]:
     if not path.is_file():
         raise CheckpointError(f"No checkpoint at {ckpt_dir}: {path} does not exist (train one with `python train.py`).")
     try:
-        meta = json.loads(path.read_text())
+        meta = json.loads(path.read_bytes().decode("utf-8"))
+        recorded = meta.get("sha256", {})
+        if recorded and recorded.get(CONFIG) != _fields_digest({k: v for k, v in meta.items() if k != "sha256"}):
+            raise CheckpointError(f"{path} does not match the SHA-256 digest it records: the file is damaged or was "
+                                  "edited (to load an edited config.json, delete its \"sha256\" entry).")
         config = ModelConfig.from_dict(meta.pop("model"))
-    except (json.JSONDecodeError, KeyError, TypeError, ConfigError) as e:
+    except UnicodeDecodeError:
+        raise CheckpointError(f"{path} is not UTF-8 text: it is damaged or not a minimamba-moe config.") from None
+    except (json.JSONDecodeError, KeyError, TypeError, AttributeError, ConfigError) as e:
         raise CheckpointError(f"{path} is not a valid minimamba-moe config: {e}") from None
     meta.pop("format", None)
     return config, meta
@@ -113,14 +167,16 @@ def load_weights(model: Model, weights_path: str | os.PathLike) -> None:
 def load_model(ckpt_dir: str | os.PathLike, device="cpu", dtype: torch.dtype | None = None) -> tuple[Model, dict]:
     """Build the model a checkpoint folder describes and load its weights. Returns (model, extra fields)."""
     config, meta = read_config(ckpt_dir)
+    verify_files(ckpt_dir, meta, (WEIGHTS,))
     model = Model(config)
     load_weights(model, Path(ckpt_dir) / WEIGHTS)
     model.to(device)
-    if dtype is not None:
+    if dtype is not None:  # A_log and D stay fp32, their saved values (docs/paper-facts.md, "Initialization")
+        fp32 = {n: p.data for n, p in model.named_parameters() if n.endswith(("A_log", ".D"))}
         model.to(dtype)
-        for name, p in model.named_parameters():  # SPEC §1: A_log and D stay fp32
-            if name.endswith(("A_log", ".D")):
-                p.data = p.data.float()
+        for name, p in model.named_parameters():
+            if name in fp32:
+                p.data = fp32[name]
     return model, meta
 
 
@@ -145,9 +201,35 @@ def recover_interrupted_save(out_dir: str | os.PathLike) -> None:
 
     Temporary files (``.<name>.*.tmp``) are deleted. A ``.prev`` link that is still the same file
     as its name was not renamed over yet. If some were and some were not, the kill came between two
-    renames: the previous checkpoint is put back. Leftover links are deleted. Reads no file.
+    renames: the previous checkpoint is put back. Leftover links are deleted. Reads no file, and
+    writes nothing when there is nothing to undo; waits for a save in progress (its lock) to end.
     """
     out_dir = Path(out_dir)
+    if not out_dir.is_dir() or not (list(out_dir.glob(".*.tmp")) or list(out_dir.glob(".*.prev"))):
+        return
+    try:
+        with _locked(out_dir):
+            _recover(out_dir)
+    except OSError as e:
+        raise CheckpointError(f"cannot undo the interrupted save in {out_dir} ({e.strerror}): "
+                              "it needs write access to that folder.") from None
+
+
+@contextlib.contextmanager
+def _locked(folder: Path):
+    """An exclusive flock on the folder itself, released by the kernel if the process dies."""
+    if fcntl is None:
+        yield
+        return
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _recover(out_dir: Path) -> None:
     for f in out_dir.glob(".*.tmp"):
         f.unlink(missing_ok=True)
     pairs = [(_prev(out_dir / name), out_dir / name) for name in (WEIGHTS, TRAIN_STATE, CONFIG)]
@@ -162,13 +244,13 @@ def recover_interrupted_save(out_dir: str | os.PathLike) -> None:
 
 
 def save_checkpoint(out_dir: str | os.PathLike, tensors: dict[str, torch.Tensor], config: ModelConfig,
-                    train_state: dict, before_rename=None, **extra) -> None:
+                    train_state: dict, **extra) -> None:
     """Write weights, config.json and the training state, all three to temporary names first, then rename.
 
     ``tensors`` is the full model state dict (``lm_head.weight`` is left out when tied); ``train_state``
     a dict of tensors, numbers, strings, lists and dicts. Every file records ``extra["step"]`` so that
     ``load_train_state`` can tell a consistent checkpoint from one torn by a kill between renames.
-    ``before_rename()`` runs between the writes and the renames (tests kill the process there).
+    Refuses (CheckpointError) weights holding a nan or inf.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -176,22 +258,19 @@ def save_checkpoint(out_dir: str | os.PathLike, tensors: dict[str, torch.Tensor]
     if config.tie_embeddings:
         tensors = {k: v for k, v in tensors.items() if k != "lm_head.weight"}
     tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    check_finite(tensors)
     meta = {"format": FORMAT, "model": config.to_dict(), **extra}
-    tmps = [
-        (_write_tmp(out_dir / WEIGHTS, lambda p: save_file(tensors, p, metadata={"format": str(FORMAT), "step": step})),
-         out_dir / WEIGHTS),
-        (_write_tmp(out_dir / TRAIN_STATE, lambda p: torch.save({**train_state, "step": extra.get("step")}, p)),
-         out_dir / TRAIN_STATE),
-        (_write_tmp(out_dir / CONFIG, lambda p: Path(p).write_text(json.dumps(meta, indent=2) + "\n")),
-         out_dir / CONFIG),
-    ]
-    prevs = _keep_previous([path for _, path in tmps])
-    if before_rename is not None:
-        before_rename()
-    for tmp, path in tmps:
-        os.replace(tmp, path)
-    for prev in prevs:
-        prev.unlink()
+    with _locked(out_dir):
+        weights = _write_tmp(out_dir / WEIGHTS, lambda p: save_file(tensors, p, metadata={"format": str(FORMAT), "step": step}))
+        state = _write_tmp(out_dir / TRAIN_STATE, lambda p: torch.save({**train_state, "step": extra.get("step")}, p))
+        digests = {WEIGHTS: file_digest(weights), TRAIN_STATE: file_digest(state)}
+        tmps = [(weights, out_dir / WEIGHTS), (state, out_dir / TRAIN_STATE),
+                (_write_tmp(out_dir / CONFIG, lambda p: Path(p).write_text(config_text(meta, digests))), out_dir / CONFIG)]
+        prevs = _keep_previous([path for _, path in tmps])
+        for tmp, path in tmps:
+            os.replace(tmp, path)
+        for prev in prevs:
+            prev.unlink()
 
 
 def _prev(path: Path) -> Path:
@@ -214,8 +293,9 @@ def _keep_previous(paths: list[Path]) -> list[Path]:
     return prevs
 
 
-def load_train_state(ckpt_dir: str | os.PathLike, map_location="cpu") -> dict:
-    """The training state of a checkpoint folder, checked to belong to the same step as its weights."""
+def load_train_state(ckpt_dir: str | os.PathLike, map_location="cpu", required: tuple[str, ...] = ()) -> dict:
+    """The training state of a checkpoint folder, checked to belong to the same step as its weights,
+    to match its recorded digests, and to hold the ``required`` keys."""
     path = Path(ckpt_dir) / TRAIN_STATE
     if not path.is_file():
         raise CheckpointError(f"Cannot resume: {path} does not exist (that folder holds no training checkpoint).")
@@ -223,6 +303,9 @@ def load_train_state(ckpt_dir: str | os.PathLike, map_location="cpu") -> dict:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:
         raise CheckpointError(f"{path} is damaged or not a minimamba-moe training state ({type(e).__name__}).") from None
+    missing = [k for k in required if k not in state] if isinstance(state, dict) else ["all of them"]
+    if missing:
+        raise CheckpointError(f"{path} is not a complete training state: it lacks {', '.join(missing)}.")
     _, meta = read_config(ckpt_dir)
     try:
         from safetensors import safe_open
@@ -235,4 +318,5 @@ def load_train_state(ckpt_dir: str | os.PathLike, map_location="cpu") -> dict:
     if len(steps) != 1:
         raise CheckpointError(f"The checkpoint in {ckpt_dir} is torn (a save was killed between renames): "
                               f"steps {sorted(steps)} in its files. Resume from an older copy or start afresh.")
+    verify_files(ckpt_dir, meta, (WEIGHTS, TRAIN_STATE))
     return state

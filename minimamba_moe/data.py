@@ -67,7 +67,26 @@ def local_files(path: str) -> list[Path]:
 
 def iter_files(files: list[Path]):
     for f in files:
-        yield f.read_text(encoding="utf-8", errors="replace")
+        yield read_text_file(f)
+
+
+MAX_UNDECODABLE = 0.01  # a file with more bytes than this that are not UTF-8 is not text
+
+
+def read_text_file(path: Path) -> str:
+    """A data file's text; refused (DataError) if it is binary: NUL bytes, or more than 1% of it not UTF-8."""
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise DataError(f"Cannot read the data file {path} ({e.strerror}).") from None
+    text = raw.decode("utf-8", errors="replace")
+    bad = text.count("\ufffd") - raw.decode("utf-8", errors="ignore").count("\ufffd")
+    nul = b"\0" in raw[:65536]
+    if nul or bad > MAX_UNDECODABLE * max(1, len(text)):
+        why = "it holds NUL bytes" if nul else f"{bad:,} of its {len(raw):,} bytes do not decode"
+        raise DataError(f"The data file {path} is not UTF-8 text ({why}): give text files only "
+                        "(convert other encodings to UTF-8 first).")
+    return text
 
 
 def iter_dataset(dataset: str, dataset_config: str, text_field: str):
@@ -198,6 +217,8 @@ def prepare_data(tokenizer, tokenizer_spec: str, data: str = "", dataset: str = 
                 counts[split] += len(ids)
                 if max_tokens and counts["train"] + counts["val"] >= max_tokens:
                     break
+        if counts["train"] + counts["val"] == 0:
+            raise DataError(f"{desc['source'].get('dataset') or desc['source']['data']} holds no text: give a non-empty file.")
         if counts["val"] == 0:  # fewer documents than val_every: hold out the tail of the one stream
             train = np.fromfile(tmp / "train.bin", dtype=dtype)
             n_val = max(len(train) // val_every, min(len(train) // 2, 4096))
@@ -223,6 +244,8 @@ class Batches:
 
     def __init__(self, folder: Path, split: str, seq_len: int, seed: int):
         meta = json.loads((Path(folder) / "meta.json").read_text())
+        if (Path(folder) / f"{split}.bin").stat().st_size == 0:
+            raise DataError(f"The {split} split is empty: use more data.")
         self.tokens = np.memmap(Path(folder) / f"{split}.bin", dtype=meta["dtype"], mode="r")
         self.vocab_size = meta["vocab_size"]
         self.split, self.seq_len, self.seed = split, seq_len, seed

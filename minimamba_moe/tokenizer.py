@@ -51,7 +51,13 @@ class TiktokenTokenizer:
         else:
             from tiktoken.load import load_tiktoken_bpe
 
-            ranks = load_tiktoken_bpe(spec)
+            try:
+                ranks = load_tiktoken_bpe(spec)
+            except Exception:  # the message would quote the file's first line: say what it should be instead
+                raise TokenizerError(f"{spec} is not a tiktoken BPE ranks file (lines of base64 token, space, rank); "
+                                     "use 'bytes', 'gpt2', a .tiktoken file or a tokenizer.json.") from None
+            if not ranks:
+                raise TokenizerError(f"{spec} is an empty tiktoken ranks file.")
             self.enc = tiktoken.Encoding(
                 name=os.path.basename(spec), pat_str=GPT2_PATTERN, mergeable_ranks=ranks,
                 special_tokens={"<|endoftext|>": len(ranks)},
@@ -79,7 +85,11 @@ class HFTokenizer:
                 "pip install 'minimamba-moe[hf]' (the `tokenizers` package)."
             ) from None
         self.name = path
-        self.tok = Tokenizer.from_file(path)
+        try:
+            self.tok = Tokenizer.from_file(path)
+        except Exception:  # its message may quote the file: say what it should be instead
+            raise TokenizerError(f"{path} is not a Hugging Face tokenizer.json file (as saved by the `tokenizers` "
+                                 "package); use 'bytes', 'gpt2' or a .tiktoken file otherwise.") from None
         self.vocab_size = self.tok.get_vocab_size()
         self.eot_token = self.tok.token_to_id("<|endoftext|>")
 

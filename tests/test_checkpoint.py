@@ -89,3 +89,44 @@ def test_a_completed_save_leaves_only_the_checkpoint(tmp_path):
     assert sorted(f.name for f in tmp_path.iterdir()) == ["config.json", "model.safetensors", "train_state.pt"]
     recover_interrupted_save(tmp_path)
     assert_whole_checkpoint(tmp_path, second, 2)
+
+
+def test_load_model_in_bfloat16_keeps_A_log_and_D_in_float32(tmp_path):
+    from minimamba_moe.checkpoint import load_model, save_model
+
+    first, _ = models()
+    save_model(first, tmp_path, tokenizer="bytes")
+    model, _ = load_model(tmp_path, dtype=torch.bfloat16)
+    kept = {n: p.dtype for n, p in model.named_parameters() if n.endswith((".A_log", ".D"))}
+    assert kept and set(kept.values()) == {torch.float32}, kept
+    others = {p.dtype for n, p in model.named_parameters() if n not in kept}
+    assert others == {torch.bfloat16}
+    for name, p in model.named_parameters():  # the fp32 ones hold the saved values exactly
+        if name in kept:
+            assert torch.equal(p, dict(first.named_parameters())[name])
+
+
+def test_a_flipped_byte_is_named_by_the_loader(tmp_path):
+    from minimamba_moe.checkpoint import CheckpointError, load_model
+
+    first, _ = models()
+    save(tmp_path, first, 1)
+    path = tmp_path / "train_state.pt"
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 1
+    path.write_bytes(bytes(data))
+    load_model(tmp_path)  # the weights are intact
+    with pytest.raises(CheckpointError, match="train_state.pt"):
+        load_train_state(tmp_path)
+
+
+def test_non_finite_weights_are_never_saved(tmp_path):
+    from minimamba_moe.checkpoint import CheckpointError
+
+    first, second = models()
+    save(tmp_path, first, 1)
+    with torch.no_grad():
+        second.embedding.weight[0, 0] = float("nan")
+    with pytest.raises(CheckpointError, match="nan or inf"):
+        save(tmp_path, second, 2)
+    assert_whole_checkpoint(tmp_path, first, 1)

@@ -179,6 +179,7 @@ def _truncate_weights(d):
 def _disagreeing_config(d):
     meta = json.loads((d / "config.json").read_text())
     meta["model"]["d_model"] = 96
+    meta.pop("sha256")  # a hand edit (with its digest, it is refused as damaged: tests/test_train_faults.py)
     (d / "config.json").write_text(json.dumps(meta))
 
 
@@ -220,3 +221,34 @@ def test_transformer_output_is_cut_to_its_context(ckpts):
     r = run_sample("--ckpt", str(ckpts / "transformer"), "--prompt", "x" * 10, "--max_new_tokens", "50")
     assert r.returncode == 0, r.stderr
     assert "lowered to 7" in r.stderr and "decode: 6 tokens" in r.stderr
+
+
+# --- law: temperature T is logits / T --------------------------------------------------------------
+from hypothesis import given, strategies as st  # noqa: E402
+
+
+@given(st.floats(0.05, 20.0), st.integers(0, 2**31 - 1), st.sampled_from([None, 1, 5]), st.sampled_from([None, 0.5, 0.9]))
+def test_temperature_is_dividing_the_logits(temperature, seed, top_k, top_p):
+    """sample_token(logits, T) == sample_token(logits / T, 1) with the same seed (top-k/top-p after the division)."""
+    logits = torch.randn(64, 50, generator=torch.Generator().manual_seed(seed % 1000)) * 3
+    a = sample_token(logits, temperature, top_k, top_p, torch.Generator().manual_seed(seed))
+    b = sample_token(logits / temperature, 1.0, top_k, top_p, torch.Generator().manual_seed(seed))
+    assert torch.equal(a, b), f"{(a != b).sum().item()} of 64 rows differ at T={temperature}"
+
+
+def test_one_thread_policy_for_training_and_sampling(ckpts, capsys):
+    """sample.py and train.py share choose_threads: 1 CPU thread for a small model unless told otherwise."""
+    sys.path.insert(0, ROOT)
+    import sample
+    from minimamba_moe.cli import choose_threads, run_main
+
+    assert choose_threads(0, "cpu", 10**6) == 1 and choose_threads(3, "cpu", 10**6) == 3
+    assert choose_threads(0, "cpu", 10**9) is None and choose_threads(0, "cuda", 10**6) is None
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        assert run_main(sample.main, [str(ckpts / "tiny"), "--prompt", "a", "--max_new_tokens", "2"], "sample.py",
+                        (sample.UsageError,), sample.ERRORS) == 0
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
