@@ -42,6 +42,7 @@ import torch.distributed as dist
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
+from .checkpoint import check_finite
 from .config import ModelConfig
 from .model import Block, Model, make_norm
 
@@ -189,7 +190,7 @@ def load_sharded(folder: str | os.PathLike, model: nn.Module, optimizer) -> dict
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
     msd, osd = get_state_dict(model, optimizer)  # (allocates the optimizer's state to load into)
     sd = {"model": msd, "optimizer": osd, "rng_cpu": torch.get_rng_state()}
-    dcp.load(sd, checkpoint_id=folder)
+    dcp.load(sd, checkpoint_id=folder, no_dist=not dist.is_initialized())
     set_state_dict(model, optimizer, model_state_dict=sd["model"], optim_state_dict=sd["optimizer"])
     torch.set_rng_state(sd["rng_cpu"])
     return read_state(folder)
@@ -202,7 +203,9 @@ _DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", t
 def stream_safetensors(path: str | os.PathLike, specs: dict, tensors, metadata: dict | None = None) -> None:
     """Write a safetensors file from ``specs`` ({name: (shape, dtype)}, in file order) and ``tensors``,
     an iterable yielding each tensor in that order: only one is ever held. (The format: an 8-byte
-    little-endian header length, the JSON header of dtypes, shapes and byte ranges, then the data.)"""
+    little-endian header length, the JSON header of dtypes, shapes and byte ranges, then the data.)
+    A tensor holding a nan or inf raises CheckpointError (the file is then incomplete: write to a
+    temporary name)."""
     header, offset = {}, 0
     if metadata:
         header["__metadata__"] = {k: str(v) for k, v in metadata.items()}
@@ -216,6 +219,7 @@ def stream_safetensors(path: str | os.PathLike, specs: dict, tensors, metadata: 
         f.write(struct.pack("<Q", len(text)) + text)
         for (name, (shape, dtype)), t in zip(specs.items(), tensors, strict=True):
             assert tuple(t.shape) == tuple(shape) and t.dtype == dtype, f"{name}: got {tuple(t.shape)} {t.dtype}"
+            check_finite({name: t})
             f.write(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
 
 
@@ -261,19 +265,24 @@ def export_sharded(folder: str | os.PathLike, config: ModelConfig, path: str | o
 
 def main(argv: list[str]) -> int:
     """python -m minimamba_moe.distributed export OUT_DIR: model.safetensors + config.json from OUT_DIR/sharded."""
-    from .checkpoint import CONFIG, WEIGHTS, read_config
+    from .checkpoint import CONFIG, WEIGHTS, CheckpointError, atomic_write, config_text, file_digest, read_config
     if len(argv) != 2 or argv[0] != "export":
         print("usage: python -m minimamba_moe.distributed export OUT_DIR", file=sys.stderr)
         return 2
     out = Path(argv[1])
-    if not (out / SHARDED / ".metadata").is_file():
-        print(f"error: {out / SHARDED} holds no sharded checkpoint (train with --fsdp under torchrun)", file=sys.stderr)
+    try:
+        if not (out / SHARDED / ".metadata").is_file():
+            raise CheckpointError(f"{out / SHARDED} holds no sharded checkpoint (train.py --fsdp under torchrun writes one)")
+        config, extra = read_config(out)
+        step = read_state(out / SHARDED).get("step")
+        extra.pop("sha256", None)
+        meta = {"format": 1, "model": config.to_dict(), **extra, "step": step}
+        atomic_write(out / WEIGHTS, lambda p: export_sharded(out / SHARDED, config, p, {"format": 1, "step": step}))
+        atomic_write(out / CONFIG, lambda p: Path(p).write_text(config_text(meta, {WEIGHTS: file_digest(out / WEIGHTS)})))
+    except CheckpointError as e:
+        print(f"error: {e}", file=sys.stderr)
         return 1
-    config, extra = read_config(out)
-    tmp = out / f".{WEIGHTS}.export.tmp"
-    export_sharded(out / SHARDED, config, tmp, {"format": 1, "step": read_state(out / SHARDED).get("step", "")})
-    os.replace(tmp, out / WEIGHTS)
-    print(f"wrote {out / WEIGHTS} ({out / CONFIG} describes it)")
+    print(f"wrote {out / WEIGHTS} and {out / CONFIG} (step {step})")
     return 0
 
 

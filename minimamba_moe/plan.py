@@ -120,6 +120,12 @@ def make_plan(config: ModelConfig, batch_size: int, seq_len: int, grad_accum: in
                 flops_per_token(config, seq_len, training=True).total)
 
 
+def mfu(config: ModelConfig, seq_len: int, tokens_per_s: float, peak_tflops: float) -> float:
+    """Model FLOPs utilisation of one GPU processing ``tokens_per_s`` training tokens per second."""
+    from .flops import mfu as flops_mfu
+    return flops_mfu(config, seq_len, tokens_per_s, peak_tflops * 1e12)
+
+
 def _gib(b: int) -> str:
     return f"{b / GiB:7.2f} GiB"
 

@@ -15,6 +15,9 @@ Laws:
 import json
 import os
 import socket
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -24,6 +27,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from minimamba_moe import Model, ModelConfig
+from minimamba_moe.checkpoint import load_model
 from minimamba_moe.distributed import (build_model, checkpoint_activations, device_mesh, export_sharded,
                                        export_weights, load_sharded, save_sharded, stored_names)
 
@@ -213,3 +217,49 @@ def test_checkpoint_activations_keeps_parameter_names():
     names = [n for n, _ in model.named_parameters()]
     checkpoint_activations(model)
     assert [n for n, _ in model.named_parameters()] == names
+
+
+# --- train.py --fsdp under torchrun: sharded checkpoints, resumed in one process, exported ------------------
+ROOT = Path(__file__).resolve().parent.parent
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+RUN = ["--d_model=32", "--n_layer=2", "--d_expert=32", "--seq_len=32", "--eval_batches=1", "--threads=1",
+       "--progress=false", "--backend=reference", "--router=switch", "--aux_loss_coef=0", "--eval_interval=2",
+       "--decay_steps=6"]
+
+
+def run(*args, nproc=1):
+    launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] if nproc > 1 else []
+    p = subprocess.run([sys.executable, *launcher, *args], env=ENV, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    return p
+
+
+def metrics(out_dir):
+    return [json.loads(line) for line in (Path(out_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_train_py_fsdp_checkpoint_resumes_in_one_process(tmp_path):
+    """2 sharded processes (batch 2 each) for 3 steps, then 1 process (batch 4) to step 6 from their
+    DCP checkpoint == 1 process for 6 steps; the sharded run leaves what sample.py reads."""
+    straight, halves = tmp_path / "straight", tmp_path / "halves"
+    train = [str(ROOT / "train.py"), *RUN, f"--data_cache={tmp_path / 'cache'}"]
+    run(*train, "--batch_size=4", "--max_steps=6", f"--out_dir={straight}")
+    run(*train, "--batch_size=2", "--max_steps=3", "--fsdp", "--activation_checkpointing", f"--out_dir={halves}", nproc=2)
+    assert sorted(p.name for p in (halves / "sharded").glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
+    assert not (halves / "train_state.pt").exists()
+    _, meta = load_model(halves)  # the weights at step 3, digest checked
+    assert meta["step"] == 3
+    exported = load_file(halves / "model.safetensors")
+    (halves / "model.safetensors").unlink()
+    run("-m", "minimamba_moe.distributed", "export", str(halves))
+    assert load_model(halves)[1]["step"] == 3
+    again = load_file(halves / "model.safetensors")
+    assert exported.keys() == again.keys() and all(torch.equal(exported[k], again[k]) for k in exported)
+    run(str(ROOT / "train.py"), "--resume", "--batch_size=4", "--max_steps=6", f"--out_dir={halves}",
+        f"--data_cache={tmp_path / 'cache'}")
+    a, b = ([r["loss"] for r in metrics(d) if "loss" in r] for d in (straight, halves))
+    assert len(a) == len(b) == 6
+    assert b == pytest.approx(a, rel=1e-5, abs=1e-5), f"resumed {b} vs straight {a}"
+    assert not (halves / "sharded").exists()  # the one-process run's checkpoint replaced the sharded one
+    wa, wb = load_file(straight / "model.safetensors"), load_file(halves / "model.safetensors")
+    assert all(torch.allclose(wa[k], wb[k], rtol=1e-5, atol=1e-5) for k in wa)

@@ -83,3 +83,20 @@ def test_a_large_plan_allocates_nothing():
         assert words in text
     assert p.memory(sharded=True)["total"] < p.memory(sharded=False)["total"]
     assert p.memory(checkpointing=True)["activations"] < p.memory(checkpointing=False)["activations"]
+
+
+def test_train_py_plan_prints_without_building(capsys, tmp_path):
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    import train
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    train.main(["--preset=blackmamba-2.8b", "--plan", "--nproc=8", "--fsdp", "--activation_checkpointing",
+                "--peak_tflops=500", "--mfu=0.5", f"--out_dir={tmp_path / 'out'}"])
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 200_000
+    text = capsys.readouterr().out
+    p = make_plan(ModelConfig.from_preset("blackmamba-2.8b"), 4, 2048, 16, nproc=8, activation_checkpointing=True,
+                  peak_tflops=500, mfu=0.5)
+    assert text.strip() == format_plan(p)
+    assert "8 processes, FSDP2" in text and "50% MFU of 500 TFLOP/s" in text
+    assert not (tmp_path / "out").exists()  # nothing written
