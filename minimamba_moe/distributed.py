@@ -15,9 +15,12 @@ a time (the embedding, each layer, the final norm, the head) with the same CPU g
 rows of its own shard and drops the unit: the random numbers are drawn on every process (a few
 seconds at 2.8B parameters), but at most one layer and the embedding are ever whole in host memory.
 
-Mixed precision follows FSDP2's ``MixedPrecisionPolicy``: bf16 parameters for the forward and
-backward, gradients reduced in fp32, fp32 master weights and AdamW state; the residual stream stays
-fp32 (the layers' inputs are not cast), as ``residual_in_fp32`` asks.
+Mixed precision follows FSDP2's ``MixedPrecisionPolicy``: each layer's parameters are gathered in
+bf16 for the forward and backward, gradients are reduced in fp32, and the master weights and AdamW
+state stay fp32 (sharded). A layer then computes as a bf16 model does (``Block`` casts its input to
+the norm's dtype; A_log, D and the dt bias are used through ``.float()`` of their bf16 copies, while
+their fp32 masters take the updates); the residual stream between layers stays fp32 (layer inputs
+are not cast), as ``residual_in_fp32`` asks.
 
 A sharded checkpoint is a DCP folder: each process writes its own shards (``__<rank>_0.distcp``)
 and rank 0 the metadata and ``state.json`` (step, settings). It is written under a temporary name

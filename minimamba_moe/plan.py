@@ -3,21 +3,17 @@
     make_plan(config, batch_size, seq_len, grad_accum, nproc, ...) -> Plan
     format_plan(plan) -> str          what ``python train.py --plan`` prints
 
-Parameters are counted on the meta device. Memory per GPU, for AdamW with fp32 master weights:
+Parameters are counted on the meta device. Memory per GPU, for AdamW with fp32 master weights
+(memory.py's ``training_memory`` and ``activation_bytes_per_token``):
 
     weights     4 bytes/param                 FSDP: / nproc, plus one layer gathered in bf16 (2 bytes/param)
     gradients   4 bytes/param                 FSDP: / nproc (reduced in fp32), plus that layer's bf16 grads
     optimizer   8 bytes/param (two moments)   FSDP: / nproc
-    activations per token of a micro-batch: ``activation_bytes_per_token`` (below), with all layers'
-                saved tensors, or with activation checkpointing only each layer's input plus one layer
-                recomputed at a time
+    activations per token of a micro-batch, with all layers' saved tensors, or with activation
+                checkpointing only each layer's input plus one layer recomputed at a time
 
-Under DDP every process holds everything. The activation counts are the tensors each layer saves
-for its backward (fp32 residual stream, the rest in the compute dtype), measured on the CPU path
-with ``torch.autograd.graph.saved_tensors_hooks`` at small sizes and written as formulas in the
-model's dimensions; kernels that save more (or less) move them by a few tens of percent. The
-logits are counted as memory.py counts them: fp32 logits, log-softmax and gradient. Nothing here
-counts the CUDA context, allocator fragmentation or communication buffers (~1-3 GiB in practice).
+Under DDP every process holds everything. Nothing here counts the CUDA context, allocator
+fragmentation or communication buffers (~1-3 GiB in practice).
 
 Time per step = tokens per step x training FLOPs per token / (nproc x peak x MFU), with the
 FLOPs from flops.py and the peak and MFU stated (an H100 SXM's dense bf16 peak, 989 TFLOP/s, by
@@ -31,40 +27,11 @@ from dataclasses import dataclass
 import torch
 
 from .config import ModelConfig
+from .memory import activation_bytes_per_token, training_memory
 from .model import Model, count_params
 
 H100_BF16_TFLOPS = 989.0  # H100 SXM, dense bf16 (NVIDIA's datasheet: 1979 with 2:4 sparsity)
 GiB = 2**30
-
-
-def layer_activation_bytes(config: ModelConfig, kind: str, act_bytes: int) -> int:
-    """Bytes one layer of ``kind`` saves for its backward, per token (``act_bytes``: 2 for bf16, 4 for fp32)."""
-    c, a = config, act_bytes
-    d, di = c.d_model, c.d_inner
-    block = 4 * d + a * d  # the fp32 residual input (for the norm) and the norm's output
-    if kind == "mamba":  # in_proj's x and z, conv before/after silu, delta and its softplus, y, the scan's own
-        return block + a * (9 * di + c.dt_rank + 2 * c.d_state)
-    if kind == "moe":  # fp32 router input and logits; per chosen expert: its input row, w1's output, activation
-        f1 = c.d_expert if c.mlp_activation == "relu" else 2 * c.d_expert
-        return block + 4 * (d + c.n_experts) + c.top_k * a * (d + f1 + c.d_expert)
-    if kind == "attention":  # qkv, rotated q and k, the attention output (flash: no l x l matrix)
-        return block + a * 7 * d
-    f1 = c.d_ff if c.mlp_activation == "relu" else 2 * c.d_ff  # dense mlp: fc1's output, the activation's
-    return block + a * (f1 + 2 * c.d_ff)
-
-
-def head_activation_bytes(config: ModelConfig, act_bytes: int) -> int:
-    """Per token: the final norm's input and output, and fp32 logits, log-softmax and their gradient."""
-    return 4 * config.d_model + act_bytes * config.d_model + 3 * 4 * config.padded_vocab_size
-
-
-def activation_bytes_per_token(config: ModelConfig, act_bytes: int, checkpointing: bool) -> int:
-    """Bytes of activations per token of a micro-batch at the end of the forward (the peak)."""
-    per_layer = [layer_activation_bytes(config, kind, act_bytes) for kind in config.layer_kinds]
-    head = head_activation_bytes(config, act_bytes)
-    if not checkpointing:
-        return sum(per_layer) + head
-    return config.n_layer * 4 * config.d_model + max(per_layer) + head  # inputs kept, one layer recomputed
 
 
 @dataclass
@@ -92,10 +59,11 @@ class Plan:
         """Bytes per GPU: weights, gradients, optimizer, activations (and their total)."""
         sharded = self.fsdp if sharded is None else sharded
         checkpointing = self.activation_checkpointing if checkpointing is None else checkpointing
-        n, shards = self.params_total, self.nproc if sharded else 1
+        shards = self.nproc if sharded else 1
         gathered = self.largest_layer * (2 if self.bf16 else 4) if sharded and shards > 1 else 0
+        est = training_memory(self.config, self.batch_size, self.seq_len, shards)  # fp32 weights, grads, AdamW
         act = activation_bytes_per_token(self.config, 2 if self.bf16 else 4, checkpointing)
-        m = dict(weights=4 * n // shards + gathered, gradients=4 * n // shards + gathered, optimizer=8 * n // shards,
+        m = dict(weights=est.params + gathered, gradients=est.grads + gathered, optimizer=est.optimizer,
                  activations=act * self.batch_size * self.seq_len)
         m["total"] = sum(m.values())
         return m
