@@ -38,7 +38,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from minimamba_moe import Model
-from minimamba_moe.distributed import SHARDED, build_model, device_mesh, export_weights, load_sharded, save_sharded
+from minimamba_moe.distributed import (SHARDED, build_model, device_mesh, export_weights, load_sharded, read_state,
+                                       save_sharded)
 from minimamba_moe.checkpoint import (CONFIG, TRAIN_STATE, WEIGHTS, CheckpointError, atomic_write, config_text,
                                       file_digest, load_train_state, load_weights, read_config,
                                       recover_interrupted_save, save_checkpoint)
@@ -80,15 +81,14 @@ class Processes(NamedTuple):
 def read_saved_run(out_dir):
     """The training state in out_dir (after undoing an interrupted save) and its settings dict."""
     recover_interrupted_save(out_dir)  # before anything reads the folder
-    if (out_dir / SHARDED / ".metadata").is_file():  # an FSDP run's: step and settings beside its DCP files
-        state = json.loads((out_dir / SHARDED / "state.json").read_text())
-        return state, json.loads(state["settings"])
-    state = load_train_state(out_dir, required=TRAIN_STATE_KEYS)
+    sharded = (out_dir / SHARDED / ".metadata").is_file()  # an FSDP run's: step and settings beside its DCP files
+    state = read_state(out_dir / SHARDED) if sharded else load_train_state(out_dir, required=TRAIN_STATE_KEYS)
     try:
         saved = json.loads(state["settings"])
         assert isinstance(saved, dict)
-    except (TypeError, ValueError, AssertionError):
-        raise CheckpointError(f"{out_dir}/train_state.pt holds no readable settings: it is damaged.") from None
+    except (TypeError, ValueError, KeyError, AssertionError):
+        where = SHARDED + "/state.json" if sharded else "train_state.pt"
+        raise CheckpointError(f"{out_dir}/{where} holds no readable settings: it is damaged.") from None
     return state, saved
 
 

@@ -37,6 +37,7 @@ import os
 import shutil
 import struct
 import sys
+import warnings
 from functools import partial
 from pathlib import Path
 
@@ -45,7 +46,7 @@ import torch.distributed as dist
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
-from .checkpoint import check_finite
+from .checkpoint import CheckpointError, check_finite
 from .config import ModelConfig
 from .model import Block, Model, make_norm
 
@@ -169,7 +170,10 @@ def save_sharded(folder: str | os.PathLike, model: nn.Module, optimizer, extra: 
         shutil.rmtree(tmp, ignore_errors=True)
     _barrier()
     msd, osd = get_state_dict(model, optimizer)
-    dcp.save({"model": msd, "optimizer": osd, "rng_cpu": torch.get_rng_state()}, checkpoint_id=tmp)
+    with warnings.catch_warnings():  # one process, no process group: DCP warns that it assumes so
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.save({"model": msd, "optimizer": osd, "rng_cpu": torch.get_rng_state()}, checkpoint_id=tmp,
+                 no_dist=not dist.is_initialized())
     if _is_master():
         (tmp / STATE).write_text(json.dumps(extra))
         shutil.rmtree(prev, ignore_errors=True)
@@ -181,22 +185,36 @@ def save_sharded(folder: str | os.PathLike, model: nn.Module, optimizer, extra: 
 
 
 def read_state(folder: str | os.PathLike) -> dict:
-    """state.json of a sharded checkpoint (the step and settings), or {} when there is none."""
+    """state.json of a sharded checkpoint (its step and settings); CheckpointError if it is missing or damaged."""
     path = Path(folder) / STATE
-    return json.loads(path.read_text()) if path.is_file() else {}
+    try:
+        state = json.loads(path.read_text())
+        assert isinstance(state, dict) and isinstance(state.get("step"), int)
+    except (OSError, ValueError, AssertionError):
+        raise CheckpointError(f"{path} is missing or damaged: the sharded checkpoint in {folder} cannot be "
+                              "resumed.") from None
+    return state
 
 
 def load_sharded(folder: str | os.PathLike, model: nn.Module, optimizer) -> dict:
     """Load a DCP checkpoint written by any number of processes into ``model`` and ``optimizer`` as
     they are sharded now (or not at all); restores the CPU RNG; returns state.json."""
     import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+    state = read_state(folder)
     msd, osd = get_state_dict(model, optimizer)  # (allocates the optimizer's state to load into)
     sd = {"model": msd, "optimizer": osd, "rng_cpu": torch.get_rng_state()}
-    dcp.load(sd, checkpoint_id=folder, no_dist=not dist.is_initialized())
+    try:
+        with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            dcp.load(sd, checkpoint_id=folder, no_dist=not dist.is_initialized())
+    except (CheckpointException, RuntimeError, ValueError, KeyError) as e:  # (CheckpointException: a BaseException)
+        raise CheckpointError(f"the sharded checkpoint in {folder} does not fit this model and optimizer "
+                              f"({type(e).__name__}).") from None
     set_state_dict(model, optimizer, model_state_dict=sd["model"], optim_state_dict=sd["optimizer"])
     torch.set_rng_state(sd["rng_cpu"])
-    return read_state(folder)
+    return state
 
 
 # --- one safetensors file, a tensor at a time ----------------------------------------------------------
@@ -261,27 +279,31 @@ def export_sharded(folder: str | os.PathLike, config: ModelConfig, path: str | o
     def tensors():
         for n in names:
             box = {"model": {n: torch.empty(specs[n][0], dtype=specs[n][1])}}
-            dcp.load(box, checkpoint_id=folder, planner=DefaultLoadPlanner(allow_partial_load=True), no_dist=True)
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+                dcp.load(box, checkpoint_id=folder, planner=DefaultLoadPlanner(allow_partial_load=True), no_dist=True)
             yield box["model"][n]
     stream_safetensors(path, specs, tensors(), metadata)
 
 
 def main(argv: list[str]) -> int:
     """python -m minimamba_moe.distributed export OUT_DIR: model.safetensors + config.json from OUT_DIR/sharded."""
-    from .checkpoint import CONFIG, WEIGHTS, CheckpointError, atomic_write, config_text, file_digest, read_config
+    from .checkpoint import CONFIG, WEIGHTS, atomic_write, config_text, file_digest, read_config
     if len(argv) != 2 or argv[0] != "export":
         print("usage: python -m minimamba_moe.distributed export OUT_DIR", file=sys.stderr)
         return 2
     out = Path(argv[1])
     try:
         if not (out / SHARDED / ".metadata").is_file():
-            raise CheckpointError(f"{out / SHARDED} holds no sharded checkpoint (train.py --fsdp under torchrun writes one)")
+            raise CheckpointError(f"{out / SHARDED} holds no sharded checkpoint (train.py --fsdp under torchrun "
+                                  "writes one)")
         config, extra = read_config(out)
-        step = read_state(out / SHARDED).get("step")
+        step = read_state(out / SHARDED)["step"]
         extra.pop("sha256", None)
         meta = {"format": 1, "model": config.to_dict(), **extra, "step": step}
         atomic_write(out / WEIGHTS, lambda p: export_sharded(out / SHARDED, config, p, {"format": 1, "step": step}))
-        atomic_write(out / CONFIG, lambda p: Path(p).write_text(config_text(meta, {WEIGHTS: file_digest(out / WEIGHTS)})))
+        digests = {WEIGHTS: file_digest(out / WEIGHTS)}
+        atomic_write(out / CONFIG, lambda p: Path(p).write_text(config_text(meta, digests)))
     except CheckpointError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

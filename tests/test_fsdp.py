@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from minimamba_moe import Model, ModelConfig
-from minimamba_moe.checkpoint import load_model
+from minimamba_moe.checkpoint import CheckpointError, load_model
 from minimamba_moe.distributed import (build_model, checkpoint_activations, device_mesh, export_sharded,
                                        export_weights, load_sharded, save_sharded, stored_names)
 
@@ -263,3 +263,18 @@ def test_train_py_fsdp_checkpoint_resumes_in_one_process(tmp_path):
     assert not (halves / "sharded").exists()  # the one-process run's checkpoint replaced the sharded one
     wa, wb = load_file(straight / "model.safetensors"), load_file(halves / "model.safetensors")
     assert all(torch.allclose(wa[k], wb[k], rtol=1e-5, atol=1e-5) for k in wa)
+
+
+def test_a_damaged_sharded_checkpoint_is_one_line(tmp_path):
+    config = ModelConfig.from_preset("tiny", d_model=32, n_layer=2, d_expert=32)
+    model = build_model(config, SEED, "cpu")
+    save_sharded(tmp_path / "sharded", model, adamw(model), {"step": 1, "settings": "{}"})
+    (tmp_path / "sharded" / "state.json").write_text("{not json")
+    p = subprocess.run([sys.executable, str(ROOT / "train.py"), "--resume", f"--out_dir={tmp_path}"], env=ENV,
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 1
+    assert p.stderr.strip().count("\n") == 0 and "state.json is missing or damaged" in p.stderr, p.stderr
+    with pytest.raises(CheckpointError, match="does not fit"):
+        other = build_model(ModelConfig.from_preset("tiny", d_model=64, n_layer=2, d_expert=32), SEED, "cpu")
+        (tmp_path / "sharded" / "state.json").write_text('{"step": 1}')
+        load_sharded(tmp_path / "sharded", other, adamw(other))
