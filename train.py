@@ -38,8 +38,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from minimamba_moe import Model
-from minimamba_moe.distributed import (SHARDED, build_model, device_mesh, export_weights, load_sharded, read_state,
-                                       save_sharded)
+from minimamba_moe.distributed import (SHARDED, build_model, device_mesh, export_weights, load_full_weights,
+                                       load_sharded, read_state, save_sharded)
 from minimamba_moe.checkpoint import (CONFIG, TRAIN_STATE, WEIGHTS, CheckpointError, atomic_write, config_text,
                                       file_digest, load_train_state, load_weights, read_config,
                                       recover_interrupted_save, save_checkpoint)
@@ -383,8 +383,8 @@ def main(argv):
     use_bf16 = s.dtype == "bfloat16" or (s.dtype == "auto" and procs.device_type == "cuda")
     raw_model, no_decay = build(config, s, procs, use_bf16)
     sharded = s.resume and (out_dir / SHARDED / ".metadata").is_file()
-    if s.resume and not sharded:
-        load_weights(raw_model, out_dir / WEIGHTS)
+    if s.resume and not sharded:  # a whole-model checkpoint (under FSDP, each process keeps its rows)
+        (load_full_weights if procs.distributed and s.fsdp else load_weights)(raw_model, out_dir / WEIGHTS)
     elif procs.master and (out_dir / WEIGHTS).exists():
         log(f"note: {out_dir} holds a checkpoint; this new run overwrites it (--resume continues it instead)")
     n = raw_model.count_params()

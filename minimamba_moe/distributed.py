@@ -6,6 +6,7 @@
     checkpoint_activations(model)                        recompute each layer's activations in the backward
     save_sharded(folder, model, optimizer, extra)        torch.distributed.checkpoint: each process writes its shard
     load_sharded(folder, model, optimizer)               onto any number of processes (DCP reshards on load)
+    load_full_weights(model, path)                       a whole-model safetensors into the shards, a tensor at a time
     export_weights(model, path)                          one safetensors file, streamed a tensor at a time
 
 The initialisation law (tests/test_fsdp.py holds it bitwise): for any number of processes, the full
@@ -215,6 +216,24 @@ def load_sharded(folder: str | os.PathLike, model: nn.Module, optimizer) -> dict
     set_state_dict(model, optimizer, model_state_dict=sd["model"], optim_state_dict=sd["optimizer"])
     torch.set_rng_state(sd["rng_cpu"])
     return state
+
+
+def load_full_weights(model: nn.Module, path: str | os.PathLike) -> None:
+    """Load a whole-model safetensors file into a sharded model, one tensor at a time: each process
+    reads every tensor in turn and keeps its rows. Names and shapes are checked first."""
+    from safetensors import safe_open
+    params = dict(model.named_parameters(remove_duplicate=False))
+    params.update(model.named_buffers())
+    with safe_open(path, "pt") as f:
+        names = set(f.keys())
+        want = set(stored_names(model))
+        bad = sorted(names ^ want) + sorted(n for n in names & want
+                                            if list(f.get_slice(n).get_shape()) != list(params[n].shape))
+        if bad:
+            raise CheckpointError(f"the weights in {path} do not match the model (first: {bad[0]}).")
+        with torch.no_grad():
+            for name in sorted(names):
+                _copy_rows(params[name], f.get_tensor(name))
 
 
 # --- one safetensors file, a tensor at a time ----------------------------------------------------------

@@ -278,3 +278,17 @@ def test_a_damaged_sharded_checkpoint_is_one_line(tmp_path):
         other = build_model(ModelConfig.from_preset("tiny", d_model=64, n_layer=2, d_expert=32), SEED, "cpu")
         (tmp_path / "sharded" / "state.json").write_text('{"step": 1}')
         load_sharded(tmp_path / "sharded", other, adamw(other))
+
+
+@pytest.mark.slow
+def test_train_py_one_process_checkpoint_resumes_sharded(tmp_path):
+    """1 process for 3 steps (a whole-model checkpoint), then 2 FSDP processes to step 6 == 6 steps straight."""
+    straight, halves = tmp_path / "straight", tmp_path / "halves"
+    train = [str(ROOT / "train.py"), *RUN, f"--data_cache={tmp_path / 'cache'}"]
+    run(*train, "--batch_size=4", "--max_steps=6", f"--out_dir={straight}")
+    run(*train, "--batch_size=4", "--max_steps=3", f"--out_dir={halves}")
+    run(str(ROOT / "train.py"), "--resume", "--fsdp", "--batch_size=2", "--max_steps=6", f"--out_dir={halves}",
+        f"--data_cache={tmp_path / 'cache'}", nproc=2)
+    a, b = ([r["loss"] for r in metrics(d) if "loss" in r] for d in (straight, halves))
+    assert b == pytest.approx(a, rel=1e-5, abs=1e-5), f"resumed {b} vs straight {a}"
+    assert (halves / "sharded").is_dir() and not (halves / "train_state.pt").exists()
