@@ -108,3 +108,14 @@ def test_train_py_plan_prints_without_building(capsys, tmp_path):
     assert text.strip() == format_plan(p)
     assert "8 processes, FSDP2" in text and "50% MFU of 500 TFLOP/s" in text
     assert not (tmp_path / "out").exists()  # nothing written
+
+
+@needs_flops
+def test_logged_mfu_is_model_flops_over_the_peak():
+    from minimamba_moe.flops import flops_per_token
+    from minimamba_moe.plan import mfu
+    config = ModelConfig.from_preset("blackmamba-1.5b")
+    per_token = flops_per_token(config, 2048, training=True).total
+    assert mfu(config, 2048, 100_000.0, 989.0) == pytest.approx(100_000 * per_token / 989e12, rel=1e-12)
+    p = make_plan(config, 8, 2048, 8, nproc=8, mfu=0.35)  # the plan's step time gives back its stated MFU
+    assert mfu(config, 2048, p.tokens_per_step / p.step_seconds / 8, 989.0) == pytest.approx(0.35, rel=1e-12)
