@@ -38,14 +38,14 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from minimamba_moe import Model
-from minimamba_moe.distributed import (SHARDED, build_model, device_mesh, export_weights, load_full_weights,
-                                       load_sharded, read_state, save_sharded)
 from minimamba_moe.checkpoint import (CONFIG, TRAIN_STATE, WEIGHTS, CheckpointError, atomic_write, config_text,
                                       file_digest, load_train_state, load_weights, read_config,
                                       recover_interrupted_save, save_checkpoint)
 from minimamba_moe.cli import run_main, set_threads
 from minimamba_moe.config import PRESETS, ConfigError
 from minimamba_moe.data import Batches, DataError, prepare_data
+from minimamba_moe.distributed import (SHARDED, build_model, device_mesh, export_weights, load_full_weights,
+                                       load_sharded, read_state, save_sharded)
 from minimamba_moe.memory import MemoryCheckError, check_fits, n_params, training_memory
 from minimamba_moe.plan import format_plan, make_plan, mfu
 from minimamba_moe.settings import (DEFAULT_OUT_DIR, TrainSettings, UsageError, check_seq_len, help_text, merge,
@@ -204,6 +204,15 @@ def param_groups(model, weight_decay: float, no_decay: set[str] | None = None) -
     params = dict(model.named_parameters())
     return [{"params": [p for n, p in params.items() if n not in no_decay], "weight_decay": weight_decay},
             {"params": [p for n, p in params.items() if n in no_decay], "weight_decay": 0.0}]
+
+
+def resume_from(out_dir: Path, state: dict, raw_model, optimizer, s: TrainSettings, procs: Processes) -> int:
+    """Load the saved run into the model and optimizer (sharded or not, either way); return its step."""
+    if (out_dir / SHARDED / ".metadata").is_file():  # an FSDP run's, written by any number of processes
+        return load_sharded(out_dir / SHARDED, raw_model, optimizer)["step"]
+    # a whole-model checkpoint; under FSDP each process reads it a tensor at a time and keeps its rows
+    (load_full_weights if procs.distributed and s.fsdp else load_weights)(raw_model, out_dir / WEIGHTS)
+    return restore(state, raw_model, optimizer, procs.device_type)
 
 
 def restore(state: dict, raw_model, optimizer, device_type: str) -> int:
@@ -382,18 +391,14 @@ def main(argv):
     torch.manual_seed(s.seed)  # the same initial weights in every process
     use_bf16 = s.dtype == "bfloat16" or (s.dtype == "auto" and procs.device_type == "cuda")
     raw_model, no_decay = build(config, s, procs, use_bf16)
-    sharded = s.resume and (out_dir / SHARDED / ".metadata").is_file()
-    if s.resume and not sharded:  # a whole-model checkpoint (under FSDP, each process keeps its rows)
-        (load_full_weights if procs.distributed and s.fsdp else load_weights)(raw_model, out_dir / WEIGHTS)
-    elif procs.master and (out_dir / WEIGHTS).exists():
+    if not s.resume and procs.master and (out_dir / WEIGHTS).exists():
         log(f"note: {out_dir} holds a checkpoint; this new run overwrites it (--resume continues it instead)")
     n = raw_model.count_params()
     log(f"model {config.name}: {n.total / 1e6:.2f}M parameters, {n.active / 1e6:.2f}M active per token")
     model = distribute(raw_model, s, procs)
     optimizer = torch.optim.AdamW(param_groups(raw_model, s.weight_decay, no_decay), lr=s.lr, betas=(s.beta1, s.beta2),
                                   fused=procs.device_type == "cuda")
-    start_step = 0 if not s.resume else load_sharded(out_dir / SHARDED, raw_model, optimizer)["step"] if sharded \
-        else restore(state, raw_model, optimizer, procs.device_type)
+    start_step = resume_from(out_dir, state, raw_model, optimizer, s, procs) if s.resume else 0
     if s.resume:
         log(f"resuming {out_dir} at step {start_step}" if start_step < s.max_steps else
             f"the run in {out_dir} is at step {start_step} >= max_steps: raise --max_steps to train further")
@@ -439,8 +444,9 @@ def main(argv):
                                      f"here; the checkpoints in {out_dir} are from earlier steps (lower --lr)")
             bar.write(f"step {step + 1}: train loss {r['loss']:.4f}, val loss {val:.4f}") if procs.master else None
         if bar.disable and procs.master and (step + 1) % s.log_interval == 0:
+            shown_mfu = f", MFU {speed['mfu']:.1%}" if "mfu" in speed else ""
             log(f"step {step + 1}/{s.max_steps}: loss {r['loss']:.4f}, lr {r['lr']:.2e}, "
-                f"{tokens_per_step / dt:.0f} tokens/s" + (f", MFU {speed['mfu']:.1%}" if "mfu" in speed else ""), flush=True)
+                f"{tokens_per_step / dt:.0f} tokens/s{shown_mfu}", flush=True)
         bar.set_postfix(loss=f"{r['loss']:.3f}", val="-" if val is None else f"{val:.3f}", lr=f"{r['lr']:.1e}", refresh=False)
         bar.update(1)
         if (step + 1) % ckpt_every == 0 or step + 1 == s.max_steps:
