@@ -9,7 +9,12 @@ Laws:
   losses of 1 unsharded process on the whole batch, step by step;
 - resume: a DCP checkpoint written by the 2 processes, loaded into 1 plain process, continues with
   the losses the 2 processes had; the weights streamed to safetensors (gathered one tensor at a
-  time, or read from the DCP folder in one process) are the training's weights.
+  time, or read from the DCP folder in one process) are the training's weights;
+- train.py: ``torchrun --nproc_per_node=2 train.py --fsdp --activation_checkpointing`` for 3 steps,
+  then ``train.py --resume`` in 1 process to step 6, has the losses of 6 steps straight (1e-5); the
+  sharded run leaves a model.safetensors that load_model reads (digest checked), the same as the
+  export command writes; a damaged state.json is one error line. (Slow: the other way round, a
+  1-process checkpoint resumed by 2 FSDP processes.)
 """
 
 import json
