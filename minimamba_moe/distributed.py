@@ -44,10 +44,19 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
 import torch.nn as nn
+from safetensors import safe_open
+from torch.distributed.checkpoint import DefaultLoadPlanner
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import Shard
 from torch.utils.checkpoint import checkpoint
 
-from .checkpoint import CheckpointError, check_finite
+from .checkpoint import (CONFIG, WEIGHTS, CheckpointError, atomic_write, check_finite, config_text, file_digest,
+                         read_config)
 from .config import ModelConfig
 from .model import Block, Model, make_norm
 
@@ -58,7 +67,6 @@ STATE = "state.json"  # the step and settings, beside the DCP files
 # --- building and initialising ---------------------------------------------------------------------
 def mixed_precision(bf16: bool):
     """FSDP2's policy: bf16 compute, fp32 gradient reduction; layer inputs left as they are (fp32 residual)."""
-    from torch.distributed.fsdp import MixedPrecisionPolicy
     if not bf16:
         return MixedPrecisionPolicy()
     return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32, cast_forward_inputs=False)
@@ -76,7 +84,6 @@ def build_model(config: ModelConfig, seed: int, device, mesh=None, *, bf16: bool
     if activation_checkpointing:
         checkpoint_activations(model)
     if mesh is not None:
-        from torch.distributed.fsdp import fully_shard
         policy = mixed_precision(bf16)
         for layer in model.layers:
             fully_shard(layer, mesh=mesh, mp_policy=policy)
@@ -126,7 +133,6 @@ def _copy_rows(dst: torch.Tensor, src: torch.Tensor) -> None:
     if not hasattr(dst, "to_local"):
         dst.copy_(src)
         return
-    from torch.distributed.tensor import Shard
     (placement,) = dst.placements  # FSDP2 on a 1-D mesh: Shard(0), torch.chunk's split
     assert isinstance(placement, Shard), f"unexpected placement {placement}"
     mesh = dst.device_mesh
@@ -146,7 +152,6 @@ def checkpoint_activations(model: Model) -> None:
 
 def device_mesh(device_type: str):
     """A 1-D mesh over every process of the default process group."""
-    from torch.distributed.device_mesh import init_device_mesh
     return init_device_mesh(device_type, (dist.get_world_size(),))
 
 
@@ -163,8 +168,6 @@ def _barrier() -> None:
 def save_sharded(folder: str | os.PathLike, model: nn.Module, optimizer, extra: dict) -> None:
     """Write ``model`` and ``optimizer`` (sharded or not) as a DCP checkpoint, each process its shard,
     plus ``extra`` (JSON) as state.json; written beside ``folder`` and renamed into place."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict
     folder = Path(folder)
     tmp, prev = folder.with_name(f".{folder.name}.tmp"), folder.with_name(f".{folder.name}.prev")
     if _is_master():
@@ -200,9 +203,6 @@ def read_state(folder: str | os.PathLike) -> dict:
 def load_sharded(folder: str | os.PathLike, model: nn.Module, optimizer) -> dict:
     """Load a DCP checkpoint written by any number of processes into ``model`` and ``optimizer`` as
     they are sharded now (or not at all); restores the CPU RNG; returns state.json."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.api import CheckpointException
-    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
     state = read_state(folder)
     msd, osd = get_state_dict(model, optimizer)  # (allocates the optimizer's state to load into)
     sd = {"model": msd, "optimizer": osd, "rng_cpu": torch.get_rng_state()}
@@ -221,7 +221,6 @@ def load_sharded(folder: str | os.PathLike, model: nn.Module, optimizer) -> dict
 def load_full_weights(model: nn.Module, path: str | os.PathLike) -> None:
     """Load a whole-model safetensors file into a sharded model, one tensor at a time: each process
     reads every tensor in turn and keeps its rows. Names and shapes are checked first."""
-    from safetensors import safe_open
     params = dict(model.named_parameters(remove_duplicate=False))
     params.update(model.named_buffers())
     with safe_open(path, "pt") as f:
@@ -287,8 +286,6 @@ def export_sharded(folder: str | os.PathLike, config: ModelConfig, path: str | o
                    metadata: dict | None = None) -> None:
     """One process, no process group: read the DCP checkpoint in ``folder`` one tensor at a time and
     write the weights as one safetensors file at ``path``."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint import DefaultLoadPlanner
     with torch.device("meta"):
         model = Model(config)
     sd = model.state_dict()
@@ -307,7 +304,6 @@ def export_sharded(folder: str | os.PathLike, config: ModelConfig, path: str | o
 
 def main(argv: list[str]) -> int:
     """python -m minimamba_moe.distributed export OUT_DIR: model.safetensors + config.json from OUT_DIR/sharded."""
-    from .checkpoint import CONFIG, WEIGHTS, atomic_write, config_text, file_digest, read_config
     if len(argv) != 2 or argv[0] != "export":
         print("usage: python -m minimamba_moe.distributed export OUT_DIR", file=sys.stderr)
         return 2

@@ -27,6 +27,8 @@ from dataclasses import dataclass
 import torch
 
 from .config import ModelConfig
+from .flops import flops_per_token
+from .flops import mfu as flops_mfu
 from .memory import activation_bytes_per_token, training_memory
 from .model import Model, count_params
 
@@ -77,7 +79,6 @@ def make_plan(config: ModelConfig, batch_size: int, seq_len: int, grad_accum: in
               fsdp: bool = True, bf16: bool = True, activation_checkpointing: bool = False,
               peak_tflops: float = H100_BF16_TFLOPS, mfu: float = 0.4) -> Plan:
     """The plan of a run; FSDP shards only with more than one process."""
-    from .flops import flops_per_token
     counts = count_params(config)
     period = ModelConfig.from_dict({**config.to_dict(), "n_layer": len(config.layer_pattern)})
     with torch.device("meta"):
@@ -90,7 +91,6 @@ def make_plan(config: ModelConfig, batch_size: int, seq_len: int, grad_accum: in
 
 def mfu(config: ModelConfig, seq_len: int, tokens_per_s: float, peak_tflops: float) -> float:
     """Model FLOPs utilisation of one GPU processing ``tokens_per_s`` training tokens per second."""
-    from .flops import mfu as flops_mfu
     return flops_mfu(config, seq_len, tokens_per_s, peak_tflops * 1e12)
 
 

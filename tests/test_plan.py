@@ -1,7 +1,6 @@
 """minimamba_moe/plan.py: a hand count on a small config, the activation estimate against the tensors
 the model really saves for its backward, and a 2.8B plan made without allocating it."""
 
-import importlib.util
 import resource
 
 import pytest
@@ -9,19 +8,15 @@ import torch
 import torch.nn.functional as F
 
 from minimamba_moe import Model, ModelConfig
+from minimamba_moe.flops import flops_per_token
 from minimamba_moe.memory import layer_activation_bytes
-from minimamba_moe.plan import format_plan, make_plan
+from minimamba_moe.plan import format_plan, make_plan, mfu
 
-# FLOPs per token come from minimamba_moe/flops.py, merged from another branch
-needs_flops = pytest.mark.skipif(importlib.util.find_spec("minimamba_moe.flops") is None,
-                                 reason="minimamba_moe/flops.py is not on this branch yet")
 # d_model 64, d_inner 128, d_state 16, dt_rank 4, d_conv 4; 4 SwiGLU experts of 128; vocab 256; tied
 SMALL = dict(d_model=64, n_layer=2, layer_pattern=("mamba", "moe"), n_experts=4, d_expert=128, vocab_size=256)
 
 
-@needs_flops
 def test_hand_count():
-    from minimamba_moe.flops import flops_per_token
     config = ModelConfig.from_preset("tiny", **SMALL)
     p = make_plan(config, batch_size=2, seq_len=32, grad_accum=3, nproc=4, fsdp=True, bf16=True)
     embedding = 256 * 64
@@ -78,7 +73,6 @@ def test_layer_activations_match_what_the_model_saves(kind):
     assert estimate == pytest.approx(measured, rel=0.15), f"estimate {estimate} vs measured {measured} bytes/token"
 
 
-@needs_flops
 def test_a_large_plan_allocates_nothing():
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     p = make_plan(ModelConfig.from_preset("blackmamba-2.8b"), 4, 2048, 16, nproc=8, activation_checkpointing=True)
@@ -92,7 +86,6 @@ def test_a_large_plan_allocates_nothing():
     assert p.memory(checkpointing=True)["activations"] < p.memory(checkpointing=False)["activations"]
 
 
-@needs_flops
 def test_train_py_plan_prints_without_building(capsys, tmp_path):
     import sys
     from pathlib import Path
@@ -110,10 +103,7 @@ def test_train_py_plan_prints_without_building(capsys, tmp_path):
     assert not (tmp_path / "out").exists()  # nothing written
 
 
-@needs_flops
 def test_logged_mfu_is_model_flops_over_the_peak():
-    from minimamba_moe.flops import flops_per_token
-    from minimamba_moe.plan import mfu
     config = ModelConfig.from_preset("blackmamba-1.5b")
     per_token = flops_per_token(config, 2048, training=True).total
     assert mfu(config, 2048, 100_000.0, 989.0) == pytest.approx(100_000 * per_token / 989e12, rel=1e-12)
