@@ -259,8 +259,9 @@ def evaluate(model, val_data: Batches, s: TrainSettings, procs: Processes, autoc
               for i in range(s.eval_batches)]
     model.train()
     loss = torch.stack(losses).mean()
-    if procs.distributed:
-        dist.all_reduce(loss, op=dist.ReduceOp.AVG)
+    if procs.distributed:  # SUM, then divide: gloo has no ReduceOp.AVG in torch 2.6 and 2.7
+        dist.all_reduce(loss)
+        loss /= procs.world
     return loss.item()
 
 
@@ -292,7 +293,8 @@ def train_step(model, raw_model, optimizer, data: Batches, step: int, s: TrainSe
     grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
     means = torch.stack([torch.as_tensor(v, device=dev).float() for v in (loss, aux)])
     if procs.distributed:  # the global batch's mean loss, and every process's routing counts
-        dist.all_reduce(means, op=dist.ReduceOp.AVG)
+        dist.all_reduce(means)  # SUM, then divide: gloo has no ReduceOp.AVG in torch 2.6 and 2.7
+        means /= procs.world
         for t, op in zip(routing or [], (dist.ReduceOp.SUM, dist.ReduceOp.SUM, dist.ReduceOp.MAX)):
             dist.all_reduce(t, op=op)
     (loss, aux), grad_norm = means.tolist(), grad_norm.item()

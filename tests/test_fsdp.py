@@ -68,7 +68,8 @@ def train(model, optimizer, steps, rank=0, world=1):
         optimizer.zero_grad(set_to_none=True)
         loss = loss.detach()
         if world > 1:
-            dist.all_reduce(loss, op=dist.ReduceOp.AVG)
+            dist.all_reduce(loss)  # SUM, then divide: gloo has no ReduceOp.AVG in torch 2.6 and 2.7
+            loss /= world
         losses.append(loss.item())
     return losses
 
