@@ -6,10 +6,14 @@
     python train.py --preset=moe-mamba-25m --dataset=allenai/c4 --dataset_config=en   # streamed from the hub
     python train.py --resume                          # continue the run in out_dir exactly where it stopped
     torchrun --nproc_per_node=8 train.py --preset=blackmamba-1.5b --fsdp ...          # DDP, or FSDP2 with --fsdp
+    python train.py --preset=blackmamba-2.8b --plan --nproc=8  # memory per GPU, FLOPs, time per step; allocates nothing
     python train.py --help                            # every setting with its default (--preset=NAME: that preset's)
 
 Writes into out_dir: model.safetensors + config.json (what sample.py reads), train_state.pt (optimizer,
 step, RNG, settings: what --resume reads) and metrics.jsonl (one JSON record per step / evaluation).
+With --fsdp under torchrun, the training state is sharded/ instead (torch.distributed.checkpoint: each
+process writes its shard; --resume reads it onto any number of processes), and model.safetensors is
+written at the end a tensor at a time (or at any time by `python -m minimamba_moe.distributed export`).
 The settings are defined, typed and range-checked once, in minimamba_moe/settings.py.
 
 Errors print one line on stderr (--debug: the traceback) and exit with 2 for a bad setting, 1 for
@@ -20,6 +24,7 @@ gradient norm is nan/inf stops the run (--on_nonfinite=skip skips it) and is nev
 import json
 import math
 import os
+import shutil
 import sys
 import time
 import warnings
@@ -33,12 +38,16 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from minimamba_moe import Model
-from minimamba_moe.checkpoint import (WEIGHTS, CheckpointError, load_train_state, load_weights, read_config,
+from minimamba_moe.checkpoint import (CONFIG, TRAIN_STATE, WEIGHTS, CheckpointError, atomic_write, config_text,
+                                      file_digest, load_train_state, load_weights, read_config,
                                       recover_interrupted_save, save_checkpoint)
 from minimamba_moe.cli import run_main, set_threads
 from minimamba_moe.config import PRESETS, ConfigError
 from minimamba_moe.data import Batches, DataError, prepare_data
+from minimamba_moe.distributed import (SHARDED, build_model, device_mesh, export_weights, load_full_weights,
+                                       load_sharded, read_state, save_sharded)
 from minimamba_moe.memory import MemoryCheckError, check_fits, n_params, training_memory
+from minimamba_moe.plan import format_plan, make_plan, mfu
 from minimamba_moe.settings import (DEFAULT_OUT_DIR, TrainSettings, UsageError, check_seq_len, help_text, merge,
                                     model_config, read_given)
 from minimamba_moe.tokenizer import TokenizerError, load_tokenizer
@@ -72,12 +81,14 @@ class Processes(NamedTuple):
 def read_saved_run(out_dir):
     """The training state in out_dir (after undoing an interrupted save) and its settings dict."""
     recover_interrupted_save(out_dir)  # before anything reads the folder
-    state = load_train_state(out_dir, required=TRAIN_STATE_KEYS)
+    sharded = (out_dir / SHARDED / ".metadata").is_file()  # an FSDP run's: step and settings beside its DCP files
+    state = read_state(out_dir / SHARDED) if sharded else load_train_state(out_dir, required=TRAIN_STATE_KEYS)
     try:
         saved = json.loads(state["settings"])
         assert isinstance(saved, dict)
-    except (TypeError, ValueError, AssertionError):
-        raise CheckpointError(f"{out_dir}/train_state.pt holds no readable settings: it is damaged.") from None
+    except (TypeError, ValueError, KeyError, AssertionError):
+        where = SHARDED + "/state.json" if sharded else "train_state.pt"
+        raise CheckpointError(f"{out_dir}/{where} holds no readable settings: it is damaged.") from None
     return state, saved
 
 
@@ -151,22 +162,33 @@ def check_memory(s: TrainSettings, config, procs: Processes) -> None:
                      "model; --check_memory=false tries anyway")
 
 
+def build(config, s: TrainSettings, procs: Processes, bf16: bool):
+    """(the model on its device, the names of its no-decay parameters). Under --fsdp with several processes
+    it is built on the meta device and sharded layer by layer, and each process allocates and initialises
+    only its shard; the weights are those of ``torch.manual_seed(seed); Model(config)`` either way."""
+    with torch.device("meta"):
+        no_decay = no_decay_names(Model(config))  # (FSDP drops the _no_weight_decay mark)
+    mesh = device_mesh(procs.device_type) if procs.distributed and s.fsdp else None
+    return build_model(config, s.seed, procs.dev, mesh, bf16=bf16,
+                       activation_checkpointing=s.activation_checkpointing), no_decay
+
+
 def distribute(raw_model, s: TrainSettings, procs: Processes):
-    """The model as the loop calls it: FSDP2-sharded, DDP-wrapped or as is; compiled if asked."""
+    """The model as the loop calls it: DDP-wrapped (FSDP2 shards it in ``build``) or as is; compiled if asked."""
     model = raw_model
-    if procs.distributed and s.fsdp:  # FSDP2: each layer's parameters sharded over the processes
-        from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.fsdp import fully_shard
-        mesh = init_device_mesh(procs.device_type, (procs.world,))
-        for layer in raw_model.layers:  # (fully_shard moves each layer to the device as it shards it)
-            fully_shard(layer, mesh=mesh)
-        fully_shard(raw_model, mesh=mesh)
-    else:
-        raw_model.to(procs.dev)
-        if procs.distributed:
-            model = torch.nn.parallel.DistributedDataParallel(
-                raw_model, device_ids=[procs.dev] if procs.device_type == "cuda" else None)
+    if procs.distributed and not s.fsdp:
+        model = torch.nn.parallel.DistributedDataParallel(
+            raw_model, device_ids=[procs.dev] if procs.device_type == "cuda" else None)
     return torch.compile(model) if s.compile else model
+
+
+def show_plan(s: TrainSettings, model_overrides: dict, out_dir: Path) -> None:
+    """--plan: the run's sizes, memory per GPU, FLOPs and time per step, for --nproc processes (GPUs, bf16)."""
+    config = read_config(out_dir)[0] if s.resume else model_config(s, model_overrides)
+    nproc = s.nproc or int(os.environ.get("WORLD_SIZE", "1"))
+    print(format_plan(make_plan(config, s.batch_size, s.seq_len, s.grad_accum, nproc, fsdp=s.fsdp,
+                                bf16=s.dtype != "float32", activation_checkpointing=s.activation_checkpointing,
+                                peak_tflops=s.peak_tflops, mfu=s.mfu)))
 
 
 def no_decay_names(model) -> set[str]:
@@ -182,6 +204,15 @@ def param_groups(model, weight_decay: float, no_decay: set[str] | None = None) -
     params = dict(model.named_parameters())
     return [{"params": [p for n, p in params.items() if n not in no_decay], "weight_decay": weight_decay},
             {"params": [p for n, p in params.items() if n in no_decay], "weight_decay": 0.0}]
+
+
+def resume_from(out_dir: Path, state: dict, raw_model, optimizer, s: TrainSettings, procs: Processes) -> int:
+    """Load the saved run into the model and optimizer (sharded or not, either way); return its step."""
+    if (out_dir / SHARDED / ".metadata").is_file():  # an FSDP run's, written by any number of processes
+        return load_sharded(out_dir / SHARDED, raw_model, optimizer)["step"]
+    # a whole-model checkpoint; under FSDP each process reads it a tensor at a time and keeps its rows
+    (load_full_weights if procs.distributed and s.fsdp else load_weights)(raw_model, out_dir / WEIGHTS)
+    return restore(state, raw_model, optimizer, procs.device_type)
 
 
 def restore(state: dict, raw_model, optimizer, device_type: str) -> int:
@@ -228,8 +259,9 @@ def evaluate(model, val_data: Batches, s: TrainSettings, procs: Processes, autoc
               for i in range(s.eval_batches)]
     model.train()
     loss = torch.stack(losses).mean()
-    if procs.distributed:
-        dist.all_reduce(loss, op=dist.ReduceOp.AVG)
+    if procs.distributed:  # SUM, then divide: gloo has no ReduceOp.AVG in torch 2.6 and 2.7
+        dist.all_reduce(loss)
+        loss /= procs.world
     return loss.item()
 
 
@@ -261,7 +293,8 @@ def train_step(model, raw_model, optimizer, data: Batches, step: int, s: TrainSe
     grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
     means = torch.stack([torch.as_tensor(v, device=dev).float() for v in (loss, aux)])
     if procs.distributed:  # the global batch's mean loss, and every process's routing counts
-        dist.all_reduce(means, op=dist.ReduceOp.AVG)
+        dist.all_reduce(means)  # SUM, then divide: gloo has no ReduceOp.AVG in torch 2.6 and 2.7
+        means /= procs.world
         for t, op in zip(routing or [], (dist.ReduceOp.SUM, dist.ReduceOp.SUM, dist.ReduceOp.MAX)):
             dist.all_reduce(t, op=op)
     (loss, aux), grad_norm = means.tolist(), grad_norm.item()
@@ -276,20 +309,42 @@ def train_step(model, raw_model, optimizer, data: Batches, step: int, s: TrainSe
 
 
 def save(out_dir: Path, raw_model, optimizer, config, s: TrainSettings, model_overrides: dict, tok_spec: str,
-         step: int, procs: Processes) -> None:
-    """The checkpoint of `step` (gathered from every process under FSDP), written by rank 0."""
+         step: int, procs: Processes, last: bool) -> None:
+    """The checkpoint of `step`: sharded under FSDP (see save_sharded_run), else written whole by rank 0."""
+    settings = json.dumps({**vars(s), "resume": False, "model": {**model_overrides}})
+    if procs.distributed and s.fsdp:
+        return save_sharded_run(out_dir, raw_model, optimizer, config, settings, tok_spec, step, procs, last)
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
     full = StateDictOptions(full_state_dict=True, cpu_offload=True)
     sd = get_model_state_dict(raw_model, options=full)
     osd = get_optimizer_state_dict(raw_model, optimizer, options=full)
     if procs.master:
-        settings = json.dumps({**vars(s), "resume": False, "model": {**model_overrides}})
         state = {"optimizer": osd, "settings": settings, "rng_cpu": torch.get_rng_state()}
         if procs.device_type == "cuda":
             state["rng_cuda"] = torch.cuda.get_rng_state()
         save_checkpoint(out_dir, sd, config, state, tokenizer=tok_spec, step=step)
+        shutil.rmtree(out_dir / SHARDED, ignore_errors=True)  # an older sharded state must not be resumed
     if procs.distributed:
         dist.barrier()
+
+
+def save_sharded_run(out_dir: Path, raw_model, optimizer, config, settings: str, tok_spec: str, step: int,
+                     procs: Processes, last: bool) -> None:
+    """Each process writes its shard of the model and AdamW state into out_dir/sharded (DCP), rank 0
+    state.json and config.json; model.safetensors only at the end (``last``), a tensor at a time."""
+    save_sharded(out_dir / SHARDED, raw_model, optimizer, {"step": step, "settings": settings})
+    meta = {"format": 1, "model": config.to_dict(), "tokenizer": tok_spec, "step": step}
+    if last:
+        export_weights(raw_model, out_dir / f".{WEIGHTS}.export.tmp", {"format": 1, "step": step})
+    if procs.master:
+        for stale in (TRAIN_STATE, WEIGHTS):  # an earlier step's: the state is sharded/, the weights come at the end
+            (out_dir / stale).unlink(missing_ok=True)
+        digests = {}
+        if last:
+            os.replace(out_dir / f".{WEIGHTS}.export.tmp", out_dir / WEIGHTS)
+            digests = {WEIGHTS: file_digest(out_dir / WEIGHTS)}
+        atomic_write(out_dir / CONFIG, lambda p: Path(p).write_text(config_text(meta, digests)))
+    dist.barrier()
 
 
 def start_metrics(path: Path, resume: bool, start_step: int) -> None:
@@ -319,6 +374,8 @@ def main(argv):
     out_dir = Path(given.get("out_dir", DEFAULT_OUT_DIR))
     state, saved = read_saved_run(out_dir) if given.get("resume") else (None, None)
     s, model_overrides = merge(given, saved)
+    if s.plan:
+        return show_plan(s, model_overrides, out_dir)
     procs = start_processes(s)
     log = print if procs.master else (lambda *a, **k: None)
     tok = load_tokenizer(s.tokenizer)
@@ -334,25 +391,22 @@ def main(argv):
 
     # --- the model, the optimizer, the data -----------------------------------------------------------
     torch.manual_seed(s.seed)  # the same initial weights in every process
-    raw_model = Model(config)
-    if s.resume:
-        load_weights(raw_model, out_dir / WEIGHTS)
-    elif procs.master and (out_dir / WEIGHTS).exists():
+    use_bf16 = s.dtype == "bfloat16" or (s.dtype == "auto" and procs.device_type == "cuda")
+    raw_model, no_decay = build(config, s, procs, use_bf16)
+    if not s.resume and procs.master and (out_dir / WEIGHTS).exists():
         log(f"note: {out_dir} holds a checkpoint; this new run overwrites it (--resume continues it instead)")
     n = raw_model.count_params()
     log(f"model {config.name}: {n.total / 1e6:.2f}M parameters, {n.active / 1e6:.2f}M active per token")
-    no_decay = no_decay_names(raw_model)
     model = distribute(raw_model, s, procs)
     optimizer = torch.optim.AdamW(param_groups(raw_model, s.weight_decay, no_decay), lr=s.lr, betas=(s.beta1, s.beta2),
                                   fused=procs.device_type == "cuda")
-    start_step = restore(state, raw_model, optimizer, procs.device_type) if s.resume else 0
+    start_step = resume_from(out_dir, state, raw_model, optimizer, s, procs) if s.resume else 0
     if s.resume:
         log(f"resuming {out_dir} at step {start_step}" if start_step < s.max_steps else
             f"the run in {out_dir} is at step {start_step} >= max_steps: raise --max_steps to train further")
     folder = on_rank0(lambda: prepare(tok, tok_spec, s, log), procs)
     folder = prepare(tok, tok_spec, s, log) if procs.distributed else folder  # the other ranks find rank 0's cache
     train_data, val_data = (Batches(folder, split, s.seq_len, s.seed) for split in ("train", "val"))
-    use_bf16 = s.dtype == "bfloat16" or (s.dtype == "auto" and procs.device_type == "cuda")
     autocast = torch.autocast(procs.device_type, dtype=torch.bfloat16) if use_bf16 else nullcontext()
     metrics = out_dir / "metrics.jsonl"
     if procs.master:
@@ -374,8 +428,10 @@ def main(argv):
         t0 = time.perf_counter()
         r, finite = train_step(model, raw_model, optimizer, train_data, step, s, procs, autocast)
         dt = time.perf_counter() - t0
-        record(metrics, procs, **r, skipped=not finite, tokens_per_s=tokens_per_step / dt,
-               elapsed_s=time.perf_counter() - t_start)
+        speed = dict(tokens_per_s=tokens_per_step / dt)
+        if procs.device_type == "cuda":  # model FLOPs utilisation against --peak_tflops per GPU
+            speed["mfu"] = mfu(config, s.seq_len, tokens_per_step / dt / procs.world, s.peak_tflops)
+        record(metrics, procs, **r, **speed, skipped=not finite, elapsed_s=time.perf_counter() - t_start)
         if not finite and s.on_nonfinite == "stop":
             raise NonFiniteError(f"step {step + 1}: the loss is {r['loss']} and the gradient norm {r['grad_norm']}: "
                                  f"training diverged, and stops here; the checkpoints in {out_dir} are from earlier "
@@ -390,12 +446,14 @@ def main(argv):
                                      f"here; the checkpoints in {out_dir} are from earlier steps (lower --lr)")
             bar.write(f"step {step + 1}: train loss {r['loss']:.4f}, val loss {val:.4f}") if procs.master else None
         if bar.disable and procs.master and (step + 1) % s.log_interval == 0:
+            shown_mfu = f", MFU {speed['mfu']:.1%}" if "mfu" in speed else ""
             log(f"step {step + 1}/{s.max_steps}: loss {r['loss']:.4f}, lr {r['lr']:.2e}, "
-                f"{tokens_per_step / dt:.0f} tokens/s", flush=True)
+                f"{tokens_per_step / dt:.0f} tokens/s{shown_mfu}", flush=True)
         bar.set_postfix(loss=f"{r['loss']:.3f}", val="-" if val is None else f"{val:.3f}", lr=f"{r['lr']:.1e}", refresh=False)
         bar.update(1)
         if (step + 1) % ckpt_every == 0 or step + 1 == s.max_steps:
-            save(out_dir, raw_model, optimizer, config, s, model_overrides, tok_spec, step + 1, procs)
+            save(out_dir, raw_model, optimizer, config, s, model_overrides, tok_spec, step + 1, procs,
+                 last=step + 1 == s.max_steps)
     bar.close()
     log(f"checkpoint in {out_dir}/ (sample with: python sample.py {out_dir})")
     if procs.distributed:

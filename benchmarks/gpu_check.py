@@ -71,8 +71,8 @@ STATUSES = ("pass", "fail", "error", "skip")
 # The oldest versions supported: pyproject.toml states the same (tests/test_gpu_check.py holds them equal).
 # torch 2.6: torch.distributed.fsdp.fully_shard (train.py --fsdp), nn.RMSNorm. triton 3.2: the oldest whose
 # interpreter passes the kernel tests (3.0 fails them). Checked on CPU: torch 2.6.0 + triton 3.2.0 pass the
-# kernel, model, train, sample and checkpoint tests, except train.py under torchrun on CPU, whose gloo
-# all_reduce(AVG) needs a newer torch (2.6.0 and 2.7.1 raise "Cannot use ReduceOp.AVG with Gloo"; NCCL is fine).
+# kernel, model, train, sample and checkpoint tests; train.py averages over processes with SUM and a division
+# because gloo in 2.6.0 and 2.7.1 raises "Cannot use ReduceOp.AVG with Gloo".
 MIN_VERSIONS = {"torch": "2.6", "triton": "3.2"}
 
 

@@ -1,6 +1,7 @@
 """How much memory a run needs, counted before anything is allocated, and what the device has.
 
     training_memory(config, batch_size, seq_len, ...)   parameters, gradients, AdamW state, activations
+    activation_bytes_per_token(config, act_bytes, ckpt) every layer's saved activations (plan.py, --plan)
     inference_memory(config, dtype)                      the weights sample.py loads
     available_memory(device)                             (bytes, "what that is") for the CPU or a GPU
     check_fits(estimate, device, hint)                   raise MemoryCheckError when it cannot fit
@@ -11,6 +12,12 @@ in milliseconds. Activations here are a floor, not the whole story: the largest 
 the fp32 logits of one micro-batch with the cross-entropy's log-softmax and gradient beside them
 (3 x batch x seq_len x padded vocab x 4 bytes). A run whose floor does not fit cannot run; one
 whose floor fits may still run out (activations of every layer, fragmentation).
+
+``activation_bytes_per_token`` counts every layer's activations (what ``train.py --plan`` shows): the
+tensors each layer saves for its backward (fp32 residual stream, the rest in the compute dtype),
+measured on the CPU path with ``torch.autograd.graph.saved_tensors_hooks`` at small sizes and written
+as formulas in the model's dimensions (tests/test_plan.py holds them within 15% of that measurement);
+kernels that save more or less move them by a few tens of percent.
 """
 
 from __future__ import annotations
@@ -57,6 +64,36 @@ def training_memory(config: ModelConfig, batch_size: int, seq_len: int, shards: 
     p = n_params(config) * 4 // shards
     logits = batch_size * seq_len * config.padded_vocab_size * 4
     return MemoryEstimate(params=p, grads=p, optimizer=2 * p, activations=3 * logits)
+
+
+def layer_activation_bytes(config: ModelConfig, kind: str, act_bytes: int) -> int:
+    """Bytes one layer of ``kind`` saves for its backward, per token (``act_bytes``: 2 for bf16, 4 for fp32)."""
+    c, a = config, act_bytes
+    d, di = c.d_model, c.d_inner
+    block = 4 * d + a * d  # the fp32 residual input (for the norm) and the norm's output
+    if kind == "mamba":  # in_proj's x and z, conv before/after silu, delta and its softplus, y, the scan's own
+        return block + a * (9 * di + c.dt_rank + 2 * c.d_state)
+    if kind == "moe":  # fp32 router input and logits; per chosen expert: its input row, w1's output, activation
+        f1 = c.d_expert if c.mlp_activation == "relu" else 2 * c.d_expert
+        return block + 4 * (d + c.n_experts) + c.top_k * a * (d + f1 + c.d_expert)
+    if kind == "attention":  # qkv, rotated q and k, the attention output (flash: no l x l matrix)
+        return block + a * 7 * d
+    f1 = c.d_ff if c.mlp_activation == "relu" else 2 * c.d_ff  # dense mlp: fc1's output, the activation's
+    return block + a * (f1 + 2 * c.d_ff)
+
+
+def head_activation_bytes(config: ModelConfig, act_bytes: int) -> int:
+    """Per token: the final norm's input and output, and fp32 logits, log-softmax and their gradient."""
+    return 4 * config.d_model + act_bytes * config.d_model + 3 * 4 * config.padded_vocab_size
+
+
+def activation_bytes_per_token(config: ModelConfig, act_bytes: int, checkpointing: bool) -> int:
+    """Bytes of activations per token of a micro-batch at the end of the forward (the peak)."""
+    per_layer = [layer_activation_bytes(config, kind, act_bytes) for kind in config.layer_kinds]
+    head = head_activation_bytes(config, act_bytes)
+    if not checkpointing:
+        return sum(per_layer) + head
+    return config.n_layer * 4 * config.d_model + max(per_layer) + head  # inputs kept, one layer recomputed
 
 
 def inference_memory(config: ModelConfig, dtype: torch.dtype = torch.float32) -> MemoryEstimate:

@@ -79,7 +79,16 @@ class TrainSettings:
     dtype: str = setting("auto", "auto (bfloat16 autocast on GPU, float32 on CPU) | float32 | bfloat16; weights stay fp32",
                          choices=("auto", "float32", "bfloat16"))
     compile: bool = setting(False, "torch.compile the model")
-    fsdp: bool = setting(False, "under torchrun: shard with FSDP2 (fully_shard) instead of DDP")
+    fsdp: bool = setting(False, "under torchrun: shard with FSDP2 (built on the meta device, checkpoints written "
+                                "sharded with torch.distributed.checkpoint) instead of DDP")
+    activation_checkpointing: bool = setting(False, "recompute each layer's activations in the backward: less "
+                                                    "memory, about a third more compute")
+    plan: bool = setting(False, "print the run's plan (parameters, memory per GPU, FLOPs and time per step) and exit; "
+                                "allocates nothing")
+    nproc: int = setting(0, "--plan: the number of processes to plan for (0: this run's)", low=0)
+    peak_tflops: float = setting(989.0, "one GPU's peak TFLOP/s, for --plan and the MFU logged on a GPU "
+                                        "(989: H100 SXM, dense bf16)", low=0, low_open=True)
+    mfu: float = setting(0.4, "--plan: the model FLOPs utilisation a step is timed at", low=0, high=1, low_open=True)
     seed: int = setting(1337, "model init and data order", low=0, high=2**63 - 1)
     threads: int = setting(0, "CPU threads for torch; 0 = auto: 1 for a small model on the CPU (fastest, above all on a "
                               "busy machine), else torch's default", low=0)
