@@ -54,19 +54,29 @@ class CheckpointError(ValueError):
     """A checkpoint is missing, damaged, or does not fit the model it is loaded into."""
 
 
-def atomic_write(path: str | os.PathLike, write) -> None:
-    """Call ``write(tmp_path)`` for a temporary file beside ``path``, then rename it to ``path``."""
-    path = Path(path)
+def _write_tmp(path: Path, write) -> str:
+    """``write(tmp)`` for a temporary file beside ``path``, flushed to disk; returns the temporary name."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
         write(tmp)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp makes it private; a checkpoint is an ordinary file
+    except BaseException:
+        os.unlink(tmp)
+        raise
+    return tmp
+
+
+def atomic_write(path: str | os.PathLike, write) -> None:
+    """Call ``write(tmp_path)`` for a temporary file beside ``path``, then rename it to ``path``."""
+    path = Path(path)
+    tmp = _write_tmp(path, write)
+    try:
         os.replace(tmp, path)
     except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        os.unlink(tmp)
         raise
 
 
@@ -181,21 +191,6 @@ def load_model(ckpt_dir: str | os.PathLike, device="cpu", dtype: torch.dtype | N
 
 
 # --- training checkpoints (train.py) ---------------------------------------------------------------
-def _write_tmp(path: Path, write) -> str:
-    """``write(tmp)`` for a temporary file beside ``path``, flushed to disk; returns the temporary name."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp makes it private; a checkpoint is an ordinary file
-    except BaseException:
-        os.unlink(tmp)
-        raise
-    return tmp
-
-
 def recover_interrupted_save(out_dir: str | os.PathLike) -> None:
     """Undo what a killed ``save_checkpoint`` left behind, before anything reads the folder.
 
