@@ -101,8 +101,12 @@ def save_model(model: Model, out_dir: str | os.PathLike, **extra) -> None:
 
 # --- checksums ---------------------------------------------------------------------------------------
 def file_digest(path: str | os.PathLike) -> str:
+    """The SHA-256 of a file, read in 1 MiB blocks (hashlib.file_digest needs Python 3.11)."""
+    h = hashlib.sha256()
     with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
+        for block in iter(lambda: f.read(2**20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def _fields_digest(meta: dict) -> str:

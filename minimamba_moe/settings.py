@@ -251,11 +251,16 @@ def read_config_file(path: str) -> dict:
         raise UsageError(f"cannot read config file {path} ({e.strerror})") from None
     except UnicodeDecodeError:
         raise UsageError(f"config file {path} is not UTF-8 text: give a .toml or .json file") from None
+    if kind == "TOML":
+        try:
+            import tomllib
+        except ImportError:  # Python 3.10
+            raise UsageError(f"config file {path}: reading TOML needs Python 3.11 or later; "
+                             "give the same settings as a .json file") from None
     try:
         if kind == "JSON":
             values = json.loads(text)
         else:
-            import tomllib
             values = tomllib.loads(text)
     except ValueError as e:
         raise UsageError(f"config file {path} is not valid {kind}: {str(e).splitlines()[0]}") from None
