@@ -19,7 +19,7 @@ training state, and config.json's own fields), and loading checks them, naming a
 match: a flipped byte is refused instead of trained on. (To load a hand-edited config.json, delete
 its ``"sha256"`` entry: a checkpoint without digests is loaded unchecked.)
 Loading never unpickles anything: safetensors and JSON hold only tensors, numbers and strings.
-Weights with a nan or inf are never saved.
+Weights with a nan or inf are never saved, nor loaded.
 """
 
 from __future__ import annotations
@@ -128,12 +128,12 @@ def verify_files(ckpt_dir: str | os.PathLike, meta: dict, names: tuple[str, ...]
                                   "damaged or was changed; restore it from a copy, or train again.")
 
 
-def check_finite(tensors: dict[str, torch.Tensor]) -> None:
+def check_finite(tensors: dict[str, torch.Tensor], where: str = "the weights") -> None:
     """Raise CheckpointError naming a floating-point tensor holding a nan or inf."""
     for name, t in tensors.items():
         if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-            raise CheckpointError(f"the weights hold nan or inf values (first in {name}): a model that diverged "
-                                  "is not saved (or sampled from).")
+            raise CheckpointError(f"{where} hold nan or inf values (first in {name}): a model that diverged is not "
+                                  "saved, resumed or sampled from.")
 
 
 def read_config(ckpt_dir: str | os.PathLike) -> tuple[ModelConfig, dict]:
@@ -175,6 +175,7 @@ def load_weights(model: Model, weights_path: str | os.PathLike) -> None:
     if problems:
         shown = "; ".join(problems[:8]) + (f"; and {len(problems) - 8} more" if len(problems) > 8 else "")
         raise CheckpointError(f"The weights in {weights_path} do not match the config: {shown}.")
+    check_finite(sd, f"the weights in {weights_path}")  # never written by a save: damaged or edited by hand
     model.load_state_dict(sd, strict=False)  # strict=False only for the tied head, checked above
 
 

@@ -105,6 +105,15 @@ def edit_config(folder, keep_digest=False, **model):
     (folder / "config.json").write_text(json.dumps(meta))
 
 
+def nan_weights(d):
+    """A run folder whose weights hold nan (digests removed, as a hand edit would): never written by a save."""
+    from safetensors.torch import save_file
+    w = load_file(d / "model.safetensors")
+    w[next(iter(w))].fill_(float("nan"))
+    save_file(w, d / "model.safetensors", metadata={"format": "1", "step": "2"})
+    edit_config(d)
+
+
 def train_bad_inputs(tmp, trained, cache):
     """(arguments, what stderr must say, exit code, the folder that must not change or None)."""
     def run_copy(name, damage=None):
@@ -195,6 +204,7 @@ def train_bad_inputs(tmp, trained, cache):
         "state-missing-key": (lambda d: torch.save({k: v for k, v in torch.load(d / "train_state.pt", weights_only=True)
                                                     .items() if k != "rng_cpu"}, d / "train_state.pt"),
                               "is not a complete training state: it lacks rng_cpu"),
+        "nan-weights": (nan_weights, "model.safetensors hold nan or inf values"),
     }
     runtime = [(a if any(x.startswith("--out_dir") for x in a) else a + [f"--out_dir={tmp / 'fresh'}"], n, c, d)
                for a, n, c, d in runtime]
@@ -353,15 +363,6 @@ def sample_bad_inputs(tmp, trained):
         damage(d)
         return str(d)
 
-    def nan_weights(d):
-        from safetensors.torch import save_file
-        w = load_file(d / "model.safetensors")
-        w[next(iter(w))].fill_(float("nan"))
-        save_file(w, d / "model.safetensors", metadata={"format": "1", "step": "2"})
-        meta = json.loads((d / "config.json").read_text())
-        meta.pop("sha256")
-        (d / "config.json").write_text(json.dumps(meta))
-
     (tmp / "latin1.txt").write_bytes("é".encode("latin-1"))
     ckpt = str(trained)
     cuda = [] if torch.cuda.is_available() else [([ckpt, "--device", "cuda"], None, "no CUDA GPU is available", 2)]
@@ -382,7 +383,9 @@ def sample_bad_inputs(tmp, trained):
         ([ckpt, "--prompt_file", str(tmp / "latin1.txt")], None, "latin1.txt is not UTF-8", 1),
         ([ckpt], b"caf\xe9", "the standard input is not UTF-8", 1),
         ([ckpt, "--tokenizer", "/etc/passwd"], None, "is not a tiktoken BPE ranks file", 1),
-        ([folder("nan", nan_weights)], None, "the weights hold nan or inf values", 1),
+        ([folder("nan", nan_weights)], None, "model.safetensors hold nan or inf values", 1),
+        ([ckpt, "--seed", "-1"], None, "--seed -1: expected an integer from 0", 2),
+        ([ckpt, "--seed", str(2**64)], None, "expected an integer from 0 to 2**63 - 1", 2),
         ([folder("huge", lambda d: edit_config(d, n_layer=20_000_000))], None, "this run needs at least", 1),
         ([folder("flipped", lambda d: flip_a_byte(d / "model.safetensors"))], None, "does not match the SHA-256", 1),
         ([folder("latin1", lambda d: (d / "config.json").write_bytes(b"\xe9"))], None, "is not UTF-8 text", 1),
