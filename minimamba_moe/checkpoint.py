@@ -143,6 +143,9 @@ def read_config(ckpt_dir: str | os.PathLike) -> tuple[ModelConfig, dict]:
         raise CheckpointError(f"No checkpoint at {ckpt_dir}: {path} does not exist (train one with `python train.py`).")
     try:
         meta = json.loads(path.read_bytes().decode("utf-8"))
+        if not isinstance(meta, dict) or not isinstance(meta.get("sha256", {}), dict):
+            raise CheckpointError(f"{path} is not a valid minimamba-moe config: expected a JSON object with "
+                                  "\"model\" fields (and a \"sha256\" object of digests).")
         recorded = meta.get("sha256", {})
         if recorded and recorded.get(CONFIG) != _fields_digest({k: v for k, v in meta.items() if k != "sha256"}):
             raise CheckpointError(f"{path} does not match the SHA-256 digest it records: the file is damaged or was "
@@ -150,7 +153,9 @@ def read_config(ckpt_dir: str | os.PathLike) -> tuple[ModelConfig, dict]:
         config = ModelConfig.from_dict(meta.pop("model"))
     except UnicodeDecodeError:
         raise CheckpointError(f"{path} is not UTF-8 text: it is damaged or not a minimamba-moe config.") from None
-    except (json.JSONDecodeError, KeyError, TypeError, AttributeError, ConfigError) as e:
+    except KeyError as e:
+        raise CheckpointError(f"{path} is not a valid minimamba-moe config: it lacks the field {e}.") from None
+    except (json.JSONDecodeError, TypeError, AttributeError, ConfigError) as e:
         raise CheckpointError(f"{path} is not a valid minimamba-moe config: {e}") from None
     meta.pop("format", None)
     return config, meta

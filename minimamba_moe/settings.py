@@ -24,6 +24,7 @@ from pathlib import Path
 
 from .checkpoint import DEFAULT_OUT_DIR
 from .config import PRESETS, ConfigError, ModelConfig
+from .cli import MAX_THREADS
 from .data import DEFAULT_CACHE_DIR
 
 
@@ -82,7 +83,7 @@ class TrainSettings:
     fsdp: bool = setting(False, "under torchrun: shard with FSDP2 (fully_shard) instead of DDP")
     seed: int = setting(1337, "model init and data order", low=0, high=2**63 - 1)
     threads: int = setting(0, "CPU threads for torch; 0 = auto: 1 for a small model on the CPU (fastest, above all on a "
-                              "busy machine), else torch's default", low=0)
+                              "busy machine), else torch's default", low=0, high=MAX_THREADS)
     check_memory: bool = setting(True, "refuse a run whose memory estimate exceeds what the device has (false: try anyway)")
     debug: bool = setting(False, "show the Python traceback of an error (also: MINIMAMBA_DEBUG=1)")
 
@@ -175,8 +176,14 @@ def convert(key: str, value, kind: str, meta: dict | None = None, typed: bool = 
     return value
 
 
+NOT_EMPTY = ("out_dir", "data_cache", "tokenizer", "text_field", "device")  # ("" would mean the current folder, ...)
+
+
 def convert_setting(key, value, typed=False):
     """A value for a TrainSettings field or a ModelConfig field, converted and checked on its own."""
+    if key in NOT_EMPTY and isinstance(value, str) and not value.strip():
+        raise UsageError(f"--{key} is empty: give a value, or leave the setting out for its default "
+                         f"({FIELDS[key].default})")
     if key in FIELDS:
         return convert(key, value, FIELDS[key].type, FIELDS[key].metadata, typed)
     return convert(key, value, MODEL_FIELDS[key], None, typed)

@@ -143,6 +143,9 @@ def train_bad_inputs(tmp, trained, cache):
         (["--eval_batches=0"], "--eval_batches=0 is out of range"),
         (["--val_every=0"], "--val_every=0 is out of range"),
         (["--threads=-2"], "--threads=-2 is out of range"),
+        (["--threads=100000"], "--threads=100000 is out of range"),  # torch.set_num_threads(50000) segfaults
+        (["--out_dir="], "--out_dir is empty"),  # "" would be the current folder
+        (["--tokenizer= "], "--tokenizer is empty"),
         (["--lr=-1"], "--lr=-1 is out of range: expected a number > 0"),
         (["--lr=0"], "--lr=0 is out of range"),
         (["--lr=nan"], "--lr=nan: expected a finite number"),
@@ -190,6 +193,7 @@ def train_bad_inputs(tmp, trained, cache):
         (["--preset=moe-mamba-25m", "--tokenizer=bytes", "--batch_size=4096"],
          "this run needs at least", 1, None),
         (["--resume", f"--out_dir={tmp / 'nothing'}"], "Cannot resume", 1, None),
+        (["--d_model=1000000000"], "this model cannot be built", 1, None),  # torch cannot describe its tensors
         (["--resume", f"--out_dir={trained}", "--d_model=64"], "does not match the checkpoint", 1, trained),
         (["--resume", f"--out_dir={trained}", "--preset=mamba-25m"], "--preset=mamba-25m does not match", 1, trained),
     ]
@@ -366,12 +370,14 @@ def sample_bad_inputs(tmp, trained):
     (tmp / "latin1.txt").write_bytes("é".encode("latin-1"))
     ckpt = str(trained)
     cuda = [] if torch.cuda.is_available() else [([ckpt, "--device", "cuda"], None, "no CUDA GPU is available", 2)]
+    mps = [] if torch.backends.mps.is_available() else [([ckpt, "--device", "mps"], None, "--device mps is not available here", 2)]
     return [  # (arguments, standard input bytes, what stderr must say, exit code)
         ([ckpt, "--temperature", "nan"], None, "finite --temperature", 2),
         ([ckpt, "--temperature", "-1"], None, "finite --temperature", 2),
         ([ckpt, "--top_p", "0"], None, "0 < --top_p <= 1", 2),
         ([ckpt, "--top_k", "-1"], None, "--top_k >= 0", 2),
         ([ckpt, "--threads", "-2"], None, "--threads -2", 2),
+        ([ckpt, "--threads", "100000"], None, "--threads 100000: expected 0 (auto) or a number of threads up to", 2),
         ([ckpt, "--num_samples", "0"], None, "at least 1", 2),
         ([ckpt, "--max_new_tokens", "0"], None, "at least 1", 2),
         ([ckpt, "--max_new_tokens", "many"], None, "invalid int value", 2),
@@ -389,7 +395,10 @@ def sample_bad_inputs(tmp, trained):
         ([folder("huge", lambda d: edit_config(d, n_layer=20_000_000))], None, "this run needs at least", 1),
         ([folder("flipped", lambda d: flip_a_byte(d / "model.safetensors"))], None, "does not match the SHA-256", 1),
         ([folder("latin1", lambda d: (d / "config.json").write_bytes(b"\xe9"))], None, "is not UTF-8 text", 1),
-    ] + cuda
+        ([folder("list", lambda d: (d / "config.json").write_text("[1]"))], None, "expected a JSON object", 1),
+        ([folder("sha", lambda d: (d / "config.json").write_text('{"sha256": "x"}'))], None, "expected a JSON object", 1),
+        ([folder("no-model", lambda d: (d / "config.json").write_text("{}"))], None, "it lacks the field 'model'", 1),
+    ] + cuda + mps
 
 
 def test_sample_bad_inputs_get_one_line(tmp_path, trained, capsys, monkeypatch):
