@@ -77,12 +77,17 @@ def assert_one_line(prog, code, err, want_code, needle):
     assert code == want_code, (code, err)
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory, cache):
-    out = tmp_path_factory.mktemp("trained")
-    p = run(TRAIN, SMALL + ["--max_steps=2", "--eval_interval=1", f"--out_dir={out}", f"--data_cache={cache}"])
+def train_a_run(tmp_path_factory, cache, name, steps, eval_interval):
+    out = tmp_path_factory.mktemp(name)
+    p = run(TRAIN, SMALL + [f"--max_steps={steps}", f"--eval_interval={eval_interval}", f"--out_dir={out}",
+                            f"--data_cache={cache}"])
     assert p.returncode == 0, p.stderr
     return out
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, cache):
+    return train_a_run(tmp_path_factory, cache, "trained", steps=2, eval_interval=1)
 
 
 def copy_run(src, dst):
@@ -318,10 +323,7 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 
 @pytest.fixture(scope="module")
 def straight(tmp_path_factory, cache):
-    out = tmp_path_factory.mktemp("straight")
-    p = run(TRAIN, SMALL + ["--max_steps=4", "--eval_interval=2", f"--out_dir={out}", f"--data_cache={cache}"])
-    assert p.returncode == 0, p.stderr
-    return out
+    return train_a_run(tmp_path_factory, cache, "straight", steps=4, eval_interval=2)
 
 
 def hard_link_copy(src, dst):
