@@ -28,7 +28,7 @@ from minimamba_moe.reference.checks import ACTIVATIONS, SINKHORN_INITS, SINKHORN
 LAYER_KINDS = ("mamba", "moe", "attention", "mlp")
 NORMS = ("rmsnorm", "layernorm")
 FINAL_NORMS = (*NORMS, "none")
-ROUTERS = ("sinkhorn", "switch")
+ROUTERS = ("sinkhorn", "switch", "sigmoid")
 BACKENDS = ("reference", "fast", "auto")
 
 
@@ -62,7 +62,7 @@ class ModelConfig:
     n_experts: int = 4
     top_k: int = 1
     d_expert: int = 256  # hidden width of each expert ("ffn per expert")
-    router: str = "sinkhorn"  # sinkhorn (BlackMamba) | switch (MoE-Mamba, Switch Transformer)
+    router: str = "sinkhorn"  # sinkhorn (BlackMamba) | switch (MoE-Mamba, Switch Transformer) | sigmoid
     capacity_factor: float | None = None  # switch only; None = no capacity limit, nothing dropped
     aux_loss_coef: float = 0.0  # switch load-balancing loss weight (alpha)
     normalize_top_k: bool = False  # switch, top_k > 1: rescale the chosen probabilities to sum to 1

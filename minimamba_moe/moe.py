@@ -21,6 +21,9 @@ Routers:
   produce zero and ride the residual); auxiliary loss ``alpha * E * sum_e mean_t(p[t, e]) * f_e``
   with f_e the fraction of token-slots routed to e. At inference there is no capacity limit, so a
   token's output does not depend on which other tokens share its batch (and step == forward).
+- ``route_sigmoid`` (an ablation baseline, not from either paper): BlackMamba's router without
+  Sinkhorn: the top-k logits choose the experts in training as at inference, gate = sigmoid(logit),
+  no balancing of any kind, no capacity limit, no auxiliary loss.
 
 Numerics: the router's matmul runs in fp32 (input and weight cast, autocast off), as Switch
 Transformer's "selective precision" does (section 2.4), so under bf16 autocast the routes and gates
@@ -74,6 +77,12 @@ def route_sinkhorn(logits: torch.Tensor, config: ModelConfig, training: bool):
     return expert_idx, gates, iters
 
 
+def route_sigmoid(logits: torch.Tensor, config: ModelConfig):
+    """logits (T, E) fp32 -> expert_idx (T, k), gates (T, k): top-k logits, sigmoid gates, no balancing."""
+    expert_idx = logits.topk(config.top_k, dim=-1).indices  # (T, k)
+    return expert_idx, torch.sigmoid(logits).gather(1, expert_idx)
+
+
 def route_switch(logits: torch.Tensor, config: ModelConfig, training: bool):
     """logits (T, E) fp32 -> expert_idx (T, k) with -1 for dropped slots, gates (T, k), aux_loss ()."""
     T, E = logits.shape
@@ -109,7 +118,7 @@ class MoE(Stateless):
         self.config = config
         E, d, f = config.n_experts, config.d_model, config.d_expert
         f1 = f if config.mlp_activation == "relu" else 2 * f
-        self.router = nn.Linear(d, E, bias=config.router == "sinkhorn")
+        self.router = nn.Linear(d, E, bias=config.router in ("sinkhorn", "sigmoid"))
         self.w1 = nn.Parameter(torch.empty(E, f1, d))
         self.w2 = nn.Parameter(torch.empty(E, d, f))
         self.w2._is_output_projection = True  # Model scales these by 1/sqrt(n_layer) at init
@@ -134,6 +143,9 @@ class MoE(Stateless):
         if c.router == "sinkhorn":
             expert_idx, gates, iters = route_sinkhorn(logits, c, self.training)
             aux = torch.zeros((), device=x.device)
+        elif c.router == "sigmoid":
+            expert_idx, gates = route_sigmoid(logits, c)
+            aux, iters = torch.zeros((), device=x.device), zero
         else:
             expert_idx, gates, aux = route_switch(logits, c, self.training)
             iters = zero
