@@ -77,12 +77,17 @@ def assert_one_line(prog, code, err, want_code, needle):
     assert code == want_code, (code, err)
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory, cache):
-    out = tmp_path_factory.mktemp("trained")
-    p = run(TRAIN, SMALL + ["--max_steps=2", "--eval_interval=1", f"--out_dir={out}", f"--data_cache={cache}"])
+def train_a_run(tmp_path_factory, cache, name, steps, eval_interval):
+    out = tmp_path_factory.mktemp(name)
+    p = run(TRAIN, SMALL + [f"--max_steps={steps}", f"--eval_interval={eval_interval}", f"--out_dir={out}",
+                            f"--data_cache={cache}"])
     assert p.returncode == 0, p.stderr
     return out
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, cache):
+    return train_a_run(tmp_path_factory, cache, "trained", steps=2, eval_interval=1)
 
 
 def copy_run(src, dst):
@@ -103,6 +108,15 @@ def edit_config(folder, keep_digest=False, **model):
     if not keep_digest:
         meta.pop("sha256")
     (folder / "config.json").write_text(json.dumps(meta))
+
+
+def nan_weights(d):
+    """A run folder whose weights hold nan (digests removed, as a hand edit would): never written by a save."""
+    from safetensors.torch import save_file
+    w = load_file(d / "model.safetensors")
+    w[next(iter(w))].fill_(float("nan"))
+    save_file(w, d / "model.safetensors", metadata={"format": "1", "step": "2"})
+    edit_config(d)
 
 
 def train_bad_inputs(tmp, trained, cache):
@@ -134,6 +148,9 @@ def train_bad_inputs(tmp, trained, cache):
         (["--eval_batches=0"], "--eval_batches=0 is out of range"),
         (["--val_every=0"], "--val_every=0 is out of range"),
         (["--threads=-2"], "--threads=-2 is out of range"),
+        (["--threads=100000"], "--threads=100000 is out of range"),  # torch.set_num_threads(50000) segfaults
+        (["--out_dir="], "--out_dir is empty"),  # "" would be the current folder
+        (["--tokenizer= "], "--tokenizer is empty"),
         (["--lr=-1"], "--lr=-1 is out of range: expected a number > 0"),
         (["--lr=0"], "--lr=0 is out of range"),
         (["--lr=nan"], "--lr=nan: expected a finite number"),
@@ -181,6 +198,7 @@ def train_bad_inputs(tmp, trained, cache):
         (["--preset=moe-mamba-25m", "--tokenizer=bytes", "--batch_size=4096"],
          "this run needs at least", 1, None),
         (["--resume", f"--out_dir={tmp / 'nothing'}"], "Cannot resume", 1, None),
+        (["--d_model=1000000000"], "this model cannot be built", 1, None),  # torch cannot describe its tensors
         (["--resume", f"--out_dir={trained}", "--d_model=64"], "does not match the checkpoint", 1, trained),
         (["--resume", f"--out_dir={trained}", "--preset=mamba-25m"], "--preset=mamba-25m does not match", 1, trained),
     ]
@@ -195,6 +213,7 @@ def train_bad_inputs(tmp, trained, cache):
         "state-missing-key": (lambda d: torch.save({k: v for k, v in torch.load(d / "train_state.pt", weights_only=True)
                                                     .items() if k != "rng_cpu"}, d / "train_state.pt"),
                               "is not a complete training state: it lacks rng_cpu"),
+        "nan-weights": (nan_weights, "model.safetensors hold nan or inf values"),
     }
     runtime = [(a if any(x.startswith("--out_dir") for x in a) else a + [f"--out_dir={tmp / 'fresh'}"], n, c, d)
                for a, n, c, d in runtime]
@@ -304,10 +323,7 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 
 @pytest.fixture(scope="module")
 def straight(tmp_path_factory, cache):
-    out = tmp_path_factory.mktemp("straight")
-    p = run(TRAIN, SMALL + ["--max_steps=4", "--eval_interval=2", f"--out_dir={out}", f"--data_cache={cache}"])
-    assert p.returncode == 0, p.stderr
-    return out
+    return train_a_run(tmp_path_factory, cache, "straight", steps=4, eval_interval=2)
 
 
 def hard_link_copy(src, dst):
@@ -353,24 +369,17 @@ def sample_bad_inputs(tmp, trained):
         damage(d)
         return str(d)
 
-    def nan_weights(d):
-        from safetensors.torch import save_file
-        w = load_file(d / "model.safetensors")
-        w[next(iter(w))].fill_(float("nan"))
-        save_file(w, d / "model.safetensors", metadata={"format": "1", "step": "2"})
-        meta = json.loads((d / "config.json").read_text())
-        meta.pop("sha256")
-        (d / "config.json").write_text(json.dumps(meta))
-
     (tmp / "latin1.txt").write_bytes("é".encode("latin-1"))
     ckpt = str(trained)
     cuda = [] if torch.cuda.is_available() else [([ckpt, "--device", "cuda"], None, "no CUDA GPU is available", 2)]
+    mps = [] if torch.backends.mps.is_available() else [([ckpt, "--device", "mps"], None, "--device mps is not available here", 2)]
     return [  # (arguments, standard input bytes, what stderr must say, exit code)
         ([ckpt, "--temperature", "nan"], None, "finite --temperature", 2),
         ([ckpt, "--temperature", "-1"], None, "finite --temperature", 2),
         ([ckpt, "--top_p", "0"], None, "0 < --top_p <= 1", 2),
         ([ckpt, "--top_k", "-1"], None, "--top_k >= 0", 2),
         ([ckpt, "--threads", "-2"], None, "--threads -2", 2),
+        ([ckpt, "--threads", "100000"], None, "--threads 100000: expected 0 (auto) or a number of threads up to", 2),
         ([ckpt, "--num_samples", "0"], None, "at least 1", 2),
         ([ckpt, "--max_new_tokens", "0"], None, "at least 1", 2),
         ([ckpt, "--max_new_tokens", "many"], None, "invalid int value", 2),
@@ -382,11 +391,16 @@ def sample_bad_inputs(tmp, trained):
         ([ckpt, "--prompt_file", str(tmp / "latin1.txt")], None, "latin1.txt is not UTF-8", 1),
         ([ckpt], b"caf\xe9", "the standard input is not UTF-8", 1),
         ([ckpt, "--tokenizer", "/etc/passwd"], None, "is not a tiktoken BPE ranks file", 1),
-        ([folder("nan", nan_weights)], None, "the weights hold nan or inf values", 1),
+        ([folder("nan", nan_weights)], None, "model.safetensors hold nan or inf values", 1),
+        ([ckpt, "--seed", "-1"], None, "--seed -1: expected an integer from 0", 2),
+        ([ckpt, "--seed", str(2**64)], None, "expected an integer from 0 to 2**63 - 1", 2),
         ([folder("huge", lambda d: edit_config(d, n_layer=20_000_000))], None, "this run needs at least", 1),
         ([folder("flipped", lambda d: flip_a_byte(d / "model.safetensors"))], None, "does not match the SHA-256", 1),
         ([folder("latin1", lambda d: (d / "config.json").write_bytes(b"\xe9"))], None, "is not UTF-8 text", 1),
-    ] + cuda
+        ([folder("list", lambda d: (d / "config.json").write_text("[1]"))], None, "expected a JSON object", 1),
+        ([folder("sha", lambda d: (d / "config.json").write_text('{"sha256": "x"}'))], None, "expected a JSON object", 1),
+        ([folder("no-model", lambda d: (d / "config.json").write_text("{}"))], None, "it lacks the field 'model'", 1),
+    ] + cuda + mps
 
 
 def test_sample_bad_inputs_get_one_line(tmp_path, trained, capsys, monkeypatch):
