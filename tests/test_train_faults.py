@@ -137,8 +137,10 @@ def train_bad_inputs(tmp, trained, cache):
     (tmp / "latin1.toml").write_bytes("lr = 1e-3 # é\n".encode("latin-1"))
     (tmp / "bad.toml").write_text("lr = = 3\n")
     (tmp / "unknown.toml").write_text("lrate = 3\n")
+    (tmp / "with-folder" / "metrics.jsonl").mkdir(parents=True)
     f["existing"] = run_copy("existing")
     cuda = [] if torch.cuda.is_available() else [(["--device=cuda"], "no CUDA GPU is available here", 2)]
+    cuda += [] if torch.backends.mps.is_available() else [(["--device=mps"], "--device=mps is not available here", 2)]
     usage = [(a, n, 2) for a, n in [
         (["--batch_size=0"], "--batch_size=0 is out of range: expected an integer >= 1"),
         (["--batch_size=-4"], "--batch_size=-4 is out of range"),
@@ -199,6 +201,8 @@ def train_bad_inputs(tmp, trained, cache):
          "this run needs at least", 1, None),
         (["--resume", f"--out_dir={tmp / 'nothing'}"], "Cannot resume", 1, None),
         (["--d_model=1000000000"], "this model cannot be built", 1, None),  # torch cannot describe its tensors
+        (["--vocab_size=10"], "use --vocab_size=256", 2, None),  # a setting that does not fit the tokenizer: usage
+        (["--out_dir=" + str(tmp / "with-folder")], "metrics.jsonl is a folder", 2, None),
         (["--resume", f"--out_dir={trained}", "--d_model=64"], "does not match the checkpoint", 1, trained),
         (["--resume", f"--out_dir={trained}", "--preset=mamba-25m"], "--preset=mamba-25m does not match", 1, trained),
     ]
@@ -262,6 +266,7 @@ def test_divergence_stops_at_the_step_and_keeps_the_last_good_checkpoint(tmp_pat
     steps = [r for r in records(out) if "loss" in r]  # strict JSON: nan written as null
     bad = next(r for r in steps if r["loss"] is None or r["grad_norm"] is None)
     assert_one_line("train.py", p.returncode, p.stderr, 1, f"step {bad['step']}: the loss is")
+    assert f"the last checkpoint in {out} is step {bad['step'] - 1}'s" in p.stderr
     assert bad["skipped"] and steps[-1] is bad
     model, meta = load_model(out)
     assert bad["step"] > 1 and meta["step"] == bad["step"] - 1  # the last good step's, never the diverged weights
@@ -271,6 +276,10 @@ def test_divergence_stops_at_the_step_and_keeps_the_last_good_checkpoint(tmp_pat
                             f"--out_dir={tmp_path / 'skip'}", f"--data_cache={cache}"])
     skipped = [r for r in records(tmp_path / "skip") if r.get("skipped")]
     assert (p.returncode == 0 and skipped) or "validation loss is nan" in p.stderr, p.stderr
+    # diverged before any save: it says so (not "the checkpoints are from earlier steps")
+    p = run(TRAIN, SMALL + ["--lr=1e3", "--warmup_frac=0", "--max_steps=30", "--eval_interval=1",
+                            f"--out_dir={tmp_path / 'none'}", f"--data_cache={cache}"])
+    assert p.returncode == 1 and "this run has written no checkpoint to" in p.stderr, p.stderr
 
 
 # --- where --resume reads and writes -----------------------------------------------------------------
