@@ -26,9 +26,9 @@ import time
 
 import torch
 
-from minimamba_moe.checkpoint import (DEFAULT_OUT_DIR, CheckpointError, check_finite, load_model, read_config,
-                                      recover_interrupted_save, save_model)
-from minimamba_moe.cli import run_main, set_threads
+from minimamba_moe.checkpoint import (DEFAULT_OUT_DIR, CheckpointError, load_model, read_config, recover_interrupted_save,
+                                      save_model)
+from minimamba_moe.cli import MAX_THREADS, run_main, set_threads
 from minimamba_moe.config import BACKENDS, ConfigError
 from minimamba_moe.convert import ACTIVATIONS, DEFAULT_ACTIVATION, load_zyphra, stored_tokenizer_spec
 from minimamba_moe.generate import StreamDecoder, generate_tokens
@@ -94,8 +94,10 @@ def parse_args(argv=None) -> argparse.Namespace:
         raise UsageError("--num_samples and --max_new_tokens must be at least 1.")
     if not (math.isfinite(args.temperature) and args.temperature >= 0) or not 0 < args.top_p <= 1 or args.top_k < 0:
         raise UsageError("Need a finite --temperature >= 0, 0 < --top_p <= 1 and --top_k >= 0.")
-    if args.threads < 0:
-        raise UsageError(f"--threads {args.threads}: expected 0 (auto) or a positive number.")
+    if not 0 <= args.seed < 2**63:
+        raise UsageError(f"--seed {args.seed}: expected an integer from 0 to 2**63 - 1 (as train.py takes).")
+    if not 0 <= args.threads <= MAX_THREADS:
+        raise UsageError(f"--threads {args.threads}: expected 0 (auto) or a number of threads up to {MAX_THREADS}.")
     if args.prompt is not None and args.prompt_file is not None:
         raise UsageError("Give --prompt or --prompt_file, not both.")
     return args
@@ -110,6 +112,11 @@ def pick_device_dtype(args) -> tuple[torch.device, torch.dtype]:
         raise UsageError(f"--device {args.device} is not a device name (cpu, cuda, cuda:1, ...).") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UsageError(f"--device {args.device}: no CUDA GPU is available here; use --device cpu.")
+    try:
+        torch.empty(0, device=device)  # e.g. mps in a build without it, or cuda:7 on a machine with one GPU
+    except (RuntimeError, AssertionError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UsageError(f"--device {args.device} is not available here ({first}); use --device cpu or cuda.") from None
     if args.dtype != "auto":
         return device, DTYPES[args.dtype]
     return device, torch.bfloat16 if (device.type == "cuda" or args.zyphra) else torch.float32
@@ -134,8 +141,7 @@ def load(args, device, dtype):
         if args.check_memory:
             check_fits(inference_memory(config, dtype), device, lower="this checkpoint's config.json describes a "
                        "model too big for this machine (--check_memory=false tries anyway)")
-        model, extra = load_model(args.ckpt, device, dtype)
-        check_finite(model.state_dict())
+        model, extra = load_model(args.ckpt, device, dtype)  # (refuses weights holding a nan or inf)
         spec = args.tokenizer or extra.get("tokenizer")
         if spec is None:
             raise SampleError(f"{args.ckpt}/config.json names no tokenizer; pass --tokenizer (bytes, gpt2, ...).")

@@ -103,6 +103,11 @@ def start_processes(s: TrainSettings) -> Processes:
         if dev.startswith("cuda"):
             dev = f"cuda:{int(os.environ['LOCAL_RANK'])}"
             torch.cuda.set_device(dev)
+    try:
+        torch.empty(0, device=dev)  # e.g. mps in a build without it, or cuda:7 on a machine with one GPU
+    except (RuntimeError, AssertionError) as e:
+        raise UsageError(f"--device={s.device} is not available here ({str(e).strip().splitlines()[0]}); "
+                         "use --device=cpu, cuda or auto") from None
     rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
     return Processes(distributed, rank, world, dev, "cuda" if dev.startswith("cuda") else "cpu")
 
@@ -132,6 +137,9 @@ def check_out_dir(out_dir: Path) -> None:
         (out_dir / ".write_test").unlink()
     except OSError as e:
         raise UsageError(f"cannot write to --out_dir={out_dir} ({e.strerror}): choose a folder you can write to")
+    for name in ("metrics.jsonl", WEIGHTS, "config.json", "train_state.pt"):
+        if (out_dir / name).is_dir():
+            raise UsageError(f"{out_dir / name} is a folder, where this run writes a file: choose another --out_dir")
     recover_interrupted_save(out_dir)
 
 
@@ -367,6 +375,13 @@ def record(path: Path, procs: Processes, **r) -> None:
             f.write(json.dumps(r, allow_nan=False) + "\n")
 
 
+def diverged(step: int, what: str, out_dir: Path, saved_at: int | None, hint: str) -> NonFiniteError:
+    """The error that stops a diverged run, saying which checkpoint (if any) is left."""
+    kept = (f"the last checkpoint in {out_dir} is step {saved_at}'s" if saved_at is not None else
+            f"this run has written no checkpoint to {out_dir}")
+    return NonFiniteError(f"step {step}: {what}: training diverged, and stops here; {kept} ({hint})")
+
+
 def main(argv):
     if "--help" in argv or "-h" in argv:
         return print(__doc__ + "\n" + help_text(argv))
@@ -382,7 +397,7 @@ def main(argv):
     tok_spec = s.tokenizer if s.tokenizer in ("bytes", "gpt2") else os.path.abspath(s.tokenizer)
     config = choose_model_config(s, model_overrides, tok, out_dir)
     if tok.vocab_size > config.vocab_size:
-        raise ConfigError(f"the tokenizer {s.tokenizer} has {tok.vocab_size} tokens but the model's vocab_size "
+        raise UsageError(f"the tokenizer {s.tokenizer} has {tok.vocab_size} tokens but the model's vocab_size "
                           f"is {config.vocab_size}: use --vocab_size={tok.vocab_size} or another tokenizer")
     if s.check_memory:
         check_memory(s, config, procs)
@@ -424,6 +439,7 @@ def main(argv):
     bar = tqdm(total=s.max_steps, initial=start_step, disable=None if procs.master and s.progress else True,
                dynamic_ncols=True, file=sys.stdout)  # disable=None: no bar when stdout is not a terminal
     t_start = time.perf_counter()
+    saved_at = start_step if s.resume else None  # the step of this run's last checkpoint
     for step in range(start_step, s.max_steps):
         t0 = time.perf_counter()
         r, finite = train_step(model, raw_model, optimizer, train_data, step, s, procs, autocast)
@@ -433,17 +449,15 @@ def main(argv):
             speed["mfu"] = mfu(config, s.seq_len, tokens_per_step / dt / procs.world, s.peak_tflops)
         record(metrics, procs, **r, **speed, skipped=not finite, elapsed_s=time.perf_counter() - t_start)
         if not finite and s.on_nonfinite == "stop":
-            raise NonFiniteError(f"step {step + 1}: the loss is {r['loss']} and the gradient norm {r['grad_norm']}: "
-                                 f"training diverged, and stops here; the checkpoints in {out_dir} are from earlier "
-                                 "steps (lower --lr, or --on_nonfinite=skip to skip such batches)")
+            raise diverged(step + 1, f"the loss is {r['loss']} and the gradient norm {r['grad_norm']}", out_dir, saved_at,
+                           "lower --lr, or --on_nonfinite=skip to skip such batches")
         if not finite:
             log(f"step {step + 1}: loss {r['loss']}, gradient norm {r['grad_norm']}: batch skipped")
         if (step + 1) % s.eval_interval == 0 or step + 1 == s.max_steps:
             val = evaluate(model, val_data, s, procs, autocast)
             record(metrics, procs, step=step + 1, val_loss=val)
             if not math.isfinite(val):
-                raise NonFiniteError(f"step {step + 1}: the validation loss is {val}: training diverged, and stops "
-                                     f"here; the checkpoints in {out_dir} are from earlier steps (lower --lr)")
+                raise diverged(step + 1, f"the validation loss is {val}", out_dir, saved_at, "lower --lr")
             bar.write(f"step {step + 1}: train loss {r['loss']:.4f}, val loss {val:.4f}") if procs.master else None
         if bar.disable and procs.master and (step + 1) % s.log_interval == 0:
             shown_mfu = f", MFU {speed['mfu']:.1%}" if "mfu" in speed else ""
@@ -454,6 +468,7 @@ def main(argv):
         if (step + 1) % ckpt_every == 0 or step + 1 == s.max_steps:
             save(out_dir, raw_model, optimizer, config, s, model_overrides, tok_spec, step + 1, procs,
                  last=step + 1 == s.max_steps)
+            saved_at = step + 1
     bar.close()
     log(f"checkpoint in {out_dir}/ (sample with: python sample.py {out_dir})")
     if procs.distributed:

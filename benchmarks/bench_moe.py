@@ -2,10 +2,11 @@
 
     python benchmarks/bench_moe.py [--repeats 5] [--threads 2] [--dtype float32]
 
-Times forward, and forward + backward (gradients of x, gates, w1, w2), at the shapes of issue 4,
-and prints medians and the reference / fast ratio. Reference and fast calls alternate, so a
-busy shared machine slows both alike. Random top-k routing (distinct experts per
-token), SwiGLU experts. Both ops get identical inputs; one warm-up call each is not timed.
+Times forward, and forward + backward (gradients of x, gates, w1, w2), at the SHAPES below
+(tokens T, width d, expert width ffn, experts E, top-k), and prints medians and the reference /
+fast ratio. Reference and fast calls alternate, so a busy shared machine slows both alike. Random
+top-k routing (distinct experts per token), SwiGLU experts. Both ops get identical inputs; one
+warm-up call each is not timed.
 """
 
 import argparse

@@ -19,7 +19,7 @@ training state, and config.json's own fields), and loading checks them, naming a
 match: a flipped byte is refused instead of trained on. (To load a hand-edited config.json, delete
 its ``"sha256"`` entry: a checkpoint without digests is loaded unchecked.)
 Loading never unpickles anything: safetensors and JSON hold only tensors, numbers and strings.
-Weights with a nan or inf are never saved.
+Weights with a nan or inf are never saved, nor loaded.
 """
 
 from __future__ import annotations
@@ -54,19 +54,29 @@ class CheckpointError(ValueError):
     """A checkpoint is missing, damaged, or does not fit the model it is loaded into."""
 
 
-def atomic_write(path: str | os.PathLike, write) -> None:
-    """Call ``write(tmp_path)`` for a temporary file beside ``path``, then rename it to ``path``."""
-    path = Path(path)
+def _write_tmp(path: Path, write) -> str:
+    """``write(tmp)`` for a temporary file beside ``path``, flushed to disk; returns the temporary name."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
         write(tmp)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp makes it private; a checkpoint is an ordinary file
+    except BaseException:
+        os.unlink(tmp)
+        raise
+    return tmp
+
+
+def atomic_write(path: str | os.PathLike, write) -> None:
+    """Call ``write(tmp_path)`` for a temporary file beside ``path``, then rename it to ``path``."""
+    path = Path(path)
+    tmp = _write_tmp(path, write)
+    try:
         os.replace(tmp, path)
     except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        os.unlink(tmp)
         raise
 
 
@@ -91,8 +101,12 @@ def save_model(model: Model, out_dir: str | os.PathLike, **extra) -> None:
 
 # --- checksums ---------------------------------------------------------------------------------------
 def file_digest(path: str | os.PathLike) -> str:
+    """The SHA-256 of a file, read in 1 MiB blocks (hashlib.file_digest needs Python 3.11)."""
+    h = hashlib.sha256()
     with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
+        for block in iter(lambda: f.read(2**20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def _fields_digest(meta: dict) -> str:
@@ -114,12 +128,12 @@ def verify_files(ckpt_dir: str | os.PathLike, meta: dict, names: tuple[str, ...]
                                   "damaged or was changed; restore it from a copy, or train again.")
 
 
-def check_finite(tensors: dict[str, torch.Tensor]) -> None:
+def check_finite(tensors: dict[str, torch.Tensor], where: str = "the weights") -> None:
     """Raise CheckpointError naming a floating-point tensor holding a nan or inf."""
     for name, t in tensors.items():
         if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-            raise CheckpointError(f"the weights hold nan or inf values (first in {name}): a model that diverged "
-                                  "is not saved (or sampled from).")
+            raise CheckpointError(f"{where} hold nan or inf values (first in {name}): a model that diverged is not "
+                                  "saved, resumed or sampled from.")
 
 
 def read_config(ckpt_dir: str | os.PathLike) -> tuple[ModelConfig, dict]:
@@ -129,6 +143,9 @@ def read_config(ckpt_dir: str | os.PathLike) -> tuple[ModelConfig, dict]:
         raise CheckpointError(f"No checkpoint at {ckpt_dir}: {path} does not exist (train one with `python train.py`).")
     try:
         meta = json.loads(path.read_bytes().decode("utf-8"))
+        if not isinstance(meta, dict) or not isinstance(meta.get("sha256", {}), dict):
+            raise CheckpointError(f"{path} is not a valid minimamba-moe config: expected a JSON object with "
+                                  "\"model\" fields (and a \"sha256\" object of digests).")
         recorded = meta.get("sha256", {})
         if recorded and recorded.get(CONFIG) != _fields_digest({k: v for k, v in meta.items() if k != "sha256"}):
             raise CheckpointError(f"{path} does not match the SHA-256 digest it records: the file is damaged or was "
@@ -136,7 +153,9 @@ def read_config(ckpt_dir: str | os.PathLike) -> tuple[ModelConfig, dict]:
         config = ModelConfig.from_dict(meta.pop("model"))
     except UnicodeDecodeError:
         raise CheckpointError(f"{path} is not UTF-8 text: it is damaged or not a minimamba-moe config.") from None
-    except (json.JSONDecodeError, KeyError, TypeError, AttributeError, ConfigError) as e:
+    except KeyError as e:
+        raise CheckpointError(f"{path} is not a valid minimamba-moe config: it lacks the field {e}.") from None
+    except (json.JSONDecodeError, TypeError, AttributeError, ConfigError) as e:
         raise CheckpointError(f"{path} is not a valid minimamba-moe config: {e}") from None
     meta.pop("format", None)
     return config, meta
@@ -161,6 +180,7 @@ def load_weights(model: Model, weights_path: str | os.PathLike) -> None:
     if problems:
         shown = "; ".join(problems[:8]) + (f"; and {len(problems) - 8} more" if len(problems) > 8 else "")
         raise CheckpointError(f"The weights in {weights_path} do not match the config: {shown}.")
+    check_finite(sd, f"the weights in {weights_path}")  # never written by a save: damaged or edited by hand
     model.load_state_dict(sd, strict=False)  # strict=False only for the tied head, checked above
 
 
@@ -181,21 +201,6 @@ def load_model(ckpt_dir: str | os.PathLike, device="cpu", dtype: torch.dtype | N
 
 
 # --- training checkpoints (train.py) ---------------------------------------------------------------
-def _write_tmp(path: Path, write) -> str:
-    """``write(tmp)`` for a temporary file beside ``path``, flushed to disk; returns the temporary name."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp makes it private; a checkpoint is an ordinary file
-    except BaseException:
-        os.unlink(tmp)
-        raise
-    return tmp
-
-
 def recover_interrupted_save(out_dir: str | os.PathLike) -> None:
     """Undo what a killed ``save_checkpoint`` left behind, before anything reads the folder.
 

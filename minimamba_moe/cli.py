@@ -14,6 +14,7 @@ import traceback
 import torch
 
 SMALL_MODEL = 100_000_000  # parameters: below this, one CPU thread is the fastest (see choose_threads)
+MAX_THREADS = 1024  # torch.set_num_threads(50_000) crashes the process (segmentation fault) on a 2-core machine
 
 
 def debug_requested(argv: list[str]) -> bool:

@@ -53,7 +53,11 @@ def n_params(config: ModelConfig) -> int:
     period = len(config.layer_pattern)
     small = ModelConfig.from_dict({**config.to_dict(), "n_layer": period})
     double = ModelConfig.from_dict({**config.to_dict(), "n_layer": 2 * period})
-    one, two = count_params(small).total, count_params(double).total
+    try:
+        one, two = count_params(small).total, count_params(double).total
+    except RuntimeError as e:  # a tensor too large for torch to describe, e.g. d_model=1e9
+        raise MemoryCheckError(f"this model cannot be built: one of its tensors is too large for torch "
+                               f"({str(e).splitlines()[0]}); choose smaller sizes (d_model, d_expert, ...)") from None
     return one + (two - one) * (config.n_layer // period - 1)
 
 

@@ -24,6 +24,7 @@ from pathlib import Path
 
 from .checkpoint import DEFAULT_OUT_DIR
 from .config import PRESETS, ConfigError, ModelConfig
+from .cli import MAX_THREADS
 from .data import DEFAULT_CACHE_DIR
 
 
@@ -91,7 +92,7 @@ class TrainSettings:
     mfu: float = setting(0.4, "--plan: the model FLOPs utilisation a step is timed at", low=0, high=1, low_open=True)
     seed: int = setting(1337, "model init and data order", low=0, high=2**63 - 1)
     threads: int = setting(0, "CPU threads for torch; 0 = auto: 1 for a small model on the CPU (fastest, above all on a "
-                              "busy machine), else torch's default", low=0)
+                              "busy machine), else torch's default", low=0, high=MAX_THREADS)
     check_memory: bool = setting(True, "refuse a run whose memory estimate exceeds what the device has (false: try anyway)")
     debug: bool = setting(False, "show the Python traceback of an error (also: MINIMAMBA_DEBUG=1)")
 
@@ -184,8 +185,14 @@ def convert(key: str, value, kind: str, meta: dict | None = None, typed: bool = 
     return value
 
 
+NOT_EMPTY = ("out_dir", "data_cache", "tokenizer", "text_field", "device")  # ("" would mean the current folder, ...)
+
+
 def convert_setting(key, value, typed=False):
     """A value for a TrainSettings field or a ModelConfig field, converted and checked on its own."""
+    if key in NOT_EMPTY and isinstance(value, str) and not value.strip():
+        raise UsageError(f"--{key} is empty: give a value, or leave the setting out for its default "
+                         f"({FIELDS[key].default})")
     if key in FIELDS:
         return convert(key, value, FIELDS[key].type, FIELDS[key].metadata, typed)
     return convert(key, value, MODEL_FIELDS[key], None, typed)
@@ -260,11 +267,16 @@ def read_config_file(path: str) -> dict:
         raise UsageError(f"cannot read config file {path} ({e.strerror})") from None
     except UnicodeDecodeError:
         raise UsageError(f"config file {path} is not UTF-8 text: give a .toml or .json file") from None
+    if kind == "TOML":
+        try:
+            import tomllib
+        except ImportError:  # Python 3.10
+            raise UsageError(f"config file {path}: reading TOML needs Python 3.11 or later; "
+                             "give the same settings as a .json file") from None
     try:
         if kind == "JSON":
             values = json.loads(text)
         else:
-            import tomllib
             values = tomllib.loads(text)
     except ValueError as e:
         raise UsageError(f"config file {path} is not valid {kind}: {str(e).splitlines()[0]}") from None

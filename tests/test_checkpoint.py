@@ -91,6 +91,32 @@ def test_a_completed_save_leaves_only_the_checkpoint(tmp_path):
     assert_whole_checkpoint(tmp_path, second, 2)
 
 
+def test_saved_files_are_ordinary_files_readable_by_others(tmp_path):
+    """Both writers (save_model, save_checkpoint) write under a private mkstemp name; the files they
+    leave are 0o644 like any other file (a checkpoint shared on a cluster must be readable)."""
+    from minimamba_moe.checkpoint import save_model
+
+    first, _ = models()
+    save_model(first, tmp_path / "model", tokenizer="bytes")
+    save(tmp_path / "run", first, 1)
+    modes = {f"{d}/{f.name}": oct(f.stat().st_mode & 0o777) for d in ("model", "run") for f in (tmp_path / d).iterdir()}
+    assert len(modes) == 5 and set(modes.values()) == {"0o644"}, modes
+
+
+def test_checksums_work_without_hashlib_file_digest(tmp_path, monkeypatch):
+    """requires-python is >=3.10; hashlib.file_digest is 3.11+: saving and loading must not need it."""
+    import hashlib
+
+    from minimamba_moe.checkpoint import load_model, save_model
+
+    monkeypatch.delattr(hashlib, "file_digest", raising=False)
+    first, _ = models()
+    save_model(first, tmp_path / "model", tokenizer="bytes")
+    save(tmp_path / "run", first, 1)
+    load_model(tmp_path / "model")
+    assert load_train_state(tmp_path / "run")["step"] == 1
+
+
 def test_load_model_in_bfloat16_keeps_A_log_and_D_in_float32(tmp_path):
     from minimamba_moe.checkpoint import load_model, save_model
 

@@ -113,3 +113,15 @@ def test_every_setting_has_help_and_a_range_or_choices_where_it_can():
         if f.type in ("int", "float"):
             assert f.metadata["low"] is not None, f"{key} has no range"
     assert TrainSettings().max_steps == 300 and os.path.basename(TrainSettings().out_dir) == "out"
+
+
+def test_a_toml_file_on_python_3_10_is_one_usage_error(tmp_path, monkeypatch):
+    """requires-python is >=3.10, which has no tomllib: a TOML config file is refused in one sentence
+    (a JSON one still works), not an ImportError."""
+    toml, as_json = tmp_path / "run.toml", tmp_path / "run.json"
+    toml.write_text("lr = 2e-4\n")
+    as_json.write_text('{"lr": 2e-4}')
+    monkeypatch.setitem(sys.modules, "tomllib", None)  # `import tomllib` raises ImportError, as on 3.10
+    with pytest.raises(UsageError, match="needs Python 3.11.*json"):
+        configure([str(toml)])
+    assert configure([str(as_json)])[0].lr == 2e-4

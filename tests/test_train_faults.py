@@ -77,12 +77,17 @@ def assert_one_line(prog, code, err, want_code, needle):
     assert code == want_code, (code, err)
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory, cache):
-    out = tmp_path_factory.mktemp("trained")
-    p = run(TRAIN, SMALL + ["--max_steps=2", "--eval_interval=1", f"--out_dir={out}", f"--data_cache={cache}"])
+def train_a_run(tmp_path_factory, cache, name, steps, eval_interval):
+    out = tmp_path_factory.mktemp(name)
+    p = run(TRAIN, SMALL + [f"--max_steps={steps}", f"--eval_interval={eval_interval}", f"--out_dir={out}",
+                            f"--data_cache={cache}"])
     assert p.returncode == 0, p.stderr
     return out
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, cache):
+    return train_a_run(tmp_path_factory, cache, "trained", steps=2, eval_interval=1)
 
 
 def copy_run(src, dst):
@@ -105,6 +110,15 @@ def edit_config(folder, keep_digest=False, **model):
     (folder / "config.json").write_text(json.dumps(meta))
 
 
+def nan_weights(d):
+    """A run folder whose weights hold nan (digests removed, as a hand edit would): never written by a save."""
+    from safetensors.torch import save_file
+    w = load_file(d / "model.safetensors")
+    w[next(iter(w))].fill_(float("nan"))
+    save_file(w, d / "model.safetensors", metadata={"format": "1", "step": "2"})
+    edit_config(d)
+
+
 def train_bad_inputs(tmp, trained, cache):
     """(arguments, what stderr must say, exit code, the folder that must not change or None)."""
     def run_copy(name, damage=None):
@@ -123,8 +137,10 @@ def train_bad_inputs(tmp, trained, cache):
     (tmp / "latin1.toml").write_bytes("lr = 1e-3 # é\n".encode("latin-1"))
     (tmp / "bad.toml").write_text("lr = = 3\n")
     (tmp / "unknown.toml").write_text("lrate = 3\n")
+    (tmp / "with-folder" / "metrics.jsonl").mkdir(parents=True)
     f["existing"] = run_copy("existing")
     cuda = [] if torch.cuda.is_available() else [(["--device=cuda"], "no CUDA GPU is available here", 2)]
+    cuda += [] if torch.backends.mps.is_available() else [(["--device=mps"], "--device=mps is not available here", 2)]
     usage = [(a, n, 2) for a, n in [
         (["--batch_size=0"], "--batch_size=0 is out of range: expected an integer >= 1"),
         (["--batch_size=-4"], "--batch_size=-4 is out of range"),
@@ -134,6 +150,9 @@ def train_bad_inputs(tmp, trained, cache):
         (["--eval_batches=0"], "--eval_batches=0 is out of range"),
         (["--val_every=0"], "--val_every=0 is out of range"),
         (["--threads=-2"], "--threads=-2 is out of range"),
+        (["--threads=100000"], "--threads=100000 is out of range"),  # torch.set_num_threads(50000) segfaults
+        (["--out_dir="], "--out_dir is empty"),  # "" would be the current folder
+        (["--tokenizer= "], "--tokenizer is empty"),
         (["--lr=-1"], "--lr=-1 is out of range: expected a number > 0"),
         (["--lr=0"], "--lr=0 is out of range"),
         (["--lr=nan"], "--lr=nan: expected a finite number"),
@@ -181,6 +200,9 @@ def train_bad_inputs(tmp, trained, cache):
         (["--preset=moe-mamba-25m", "--tokenizer=bytes", "--batch_size=4096"],
          "this run needs at least", 1, None),
         (["--resume", f"--out_dir={tmp / 'nothing'}"], "Cannot resume", 1, None),
+        (["--d_model=1000000000"], "this model cannot be built", 1, None),  # torch cannot describe its tensors
+        (["--vocab_size=10"], "use --vocab_size=256", 2, None),  # a setting that does not fit the tokenizer: usage
+        (["--out_dir=" + str(tmp / "with-folder")], "metrics.jsonl is a folder", 2, None),
         (["--resume", f"--out_dir={trained}", "--d_model=64"], "does not match the checkpoint", 1, trained),
         (["--resume", f"--out_dir={trained}", "--preset=mamba-25m"], "--preset=mamba-25m does not match", 1, trained),
     ]
@@ -195,6 +217,7 @@ def train_bad_inputs(tmp, trained, cache):
         "state-missing-key": (lambda d: torch.save({k: v for k, v in torch.load(d / "train_state.pt", weights_only=True)
                                                     .items() if k != "rng_cpu"}, d / "train_state.pt"),
                               "is not a complete training state: it lacks rng_cpu"),
+        "nan-weights": (nan_weights, "model.safetensors hold nan or inf values"),
     }
     runtime = [(a if any(x.startswith("--out_dir") for x in a) else a + [f"--out_dir={tmp / 'fresh'}"], n, c, d)
                for a, n, c, d in runtime]
@@ -243,6 +266,7 @@ def test_divergence_stops_at_the_step_and_keeps_the_last_good_checkpoint(tmp_pat
     steps = [r for r in records(out) if "loss" in r]  # strict JSON: nan written as null
     bad = next(r for r in steps if r["loss"] is None or r["grad_norm"] is None)
     assert_one_line("train.py", p.returncode, p.stderr, 1, f"step {bad['step']}: the loss is")
+    assert f"the last checkpoint in {out} is step {bad['step'] - 1}'s" in p.stderr
     assert bad["skipped"] and steps[-1] is bad
     model, meta = load_model(out)
     assert bad["step"] > 1 and meta["step"] == bad["step"] - 1  # the last good step's, never the diverged weights
@@ -252,6 +276,10 @@ def test_divergence_stops_at_the_step_and_keeps_the_last_good_checkpoint(tmp_pat
                             f"--out_dir={tmp_path / 'skip'}", f"--data_cache={cache}"])
     skipped = [r for r in records(tmp_path / "skip") if r.get("skipped")]
     assert (p.returncode == 0 and skipped) or "validation loss is nan" in p.stderr, p.stderr
+    # diverged before any save: it says so (not "the checkpoints are from earlier steps")
+    p = run(TRAIN, SMALL + ["--lr=1e3", "--warmup_frac=0", "--max_steps=30", "--eval_interval=1",
+                            f"--out_dir={tmp_path / 'none'}", f"--data_cache={cache}"])
+    assert p.returncode == 1 and "this run has written no checkpoint to" in p.stderr, p.stderr
 
 
 # --- where --resume reads and writes -----------------------------------------------------------------
@@ -304,10 +332,7 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 
 @pytest.fixture(scope="module")
 def straight(tmp_path_factory, cache):
-    out = tmp_path_factory.mktemp("straight")
-    p = run(TRAIN, SMALL + ["--max_steps=4", "--eval_interval=2", f"--out_dir={out}", f"--data_cache={cache}"])
-    assert p.returncode == 0, p.stderr
-    return out
+    return train_a_run(tmp_path_factory, cache, "straight", steps=4, eval_interval=2)
 
 
 def hard_link_copy(src, dst):
@@ -353,24 +378,17 @@ def sample_bad_inputs(tmp, trained):
         damage(d)
         return str(d)
 
-    def nan_weights(d):
-        from safetensors.torch import save_file
-        w = load_file(d / "model.safetensors")
-        w[next(iter(w))].fill_(float("nan"))
-        save_file(w, d / "model.safetensors", metadata={"format": "1", "step": "2"})
-        meta = json.loads((d / "config.json").read_text())
-        meta.pop("sha256")
-        (d / "config.json").write_text(json.dumps(meta))
-
     (tmp / "latin1.txt").write_bytes("é".encode("latin-1"))
     ckpt = str(trained)
     cuda = [] if torch.cuda.is_available() else [([ckpt, "--device", "cuda"], None, "no CUDA GPU is available", 2)]
+    mps = [] if torch.backends.mps.is_available() else [([ckpt, "--device", "mps"], None, "--device mps is not available here", 2)]
     return [  # (arguments, standard input bytes, what stderr must say, exit code)
         ([ckpt, "--temperature", "nan"], None, "finite --temperature", 2),
         ([ckpt, "--temperature", "-1"], None, "finite --temperature", 2),
         ([ckpt, "--top_p", "0"], None, "0 < --top_p <= 1", 2),
         ([ckpt, "--top_k", "-1"], None, "--top_k >= 0", 2),
         ([ckpt, "--threads", "-2"], None, "--threads -2", 2),
+        ([ckpt, "--threads", "100000"], None, "--threads 100000: expected 0 (auto) or a number of threads up to", 2),
         ([ckpt, "--num_samples", "0"], None, "at least 1", 2),
         ([ckpt, "--max_new_tokens", "0"], None, "at least 1", 2),
         ([ckpt, "--max_new_tokens", "many"], None, "invalid int value", 2),
@@ -382,11 +400,16 @@ def sample_bad_inputs(tmp, trained):
         ([ckpt, "--prompt_file", str(tmp / "latin1.txt")], None, "latin1.txt is not UTF-8", 1),
         ([ckpt], b"caf\xe9", "the standard input is not UTF-8", 1),
         ([ckpt, "--tokenizer", "/etc/passwd"], None, "is not a tiktoken BPE ranks file", 1),
-        ([folder("nan", nan_weights)], None, "the weights hold nan or inf values", 1),
+        ([folder("nan", nan_weights)], None, "model.safetensors hold nan or inf values", 1),
+        ([ckpt, "--seed", "-1"], None, "--seed -1: expected an integer from 0", 2),
+        ([ckpt, "--seed", str(2**64)], None, "expected an integer from 0 to 2**63 - 1", 2),
         ([folder("huge", lambda d: edit_config(d, n_layer=20_000_000))], None, "this run needs at least", 1),
         ([folder("flipped", lambda d: flip_a_byte(d / "model.safetensors"))], None, "does not match the SHA-256", 1),
         ([folder("latin1", lambda d: (d / "config.json").write_bytes(b"\xe9"))], None, "is not UTF-8 text", 1),
-    ] + cuda
+        ([folder("list", lambda d: (d / "config.json").write_text("[1]"))], None, "expected a JSON object", 1),
+        ([folder("sha", lambda d: (d / "config.json").write_text('{"sha256": "x"}'))], None, "expected a JSON object", 1),
+        ([folder("no-model", lambda d: (d / "config.json").write_text("{}"))], None, "it lacks the field 'model'", 1),
+    ] + cuda + mps
 
 
 def test_sample_bad_inputs_get_one_line(tmp_path, trained, capsys, monkeypatch):
