@@ -71,8 +71,10 @@ STATUSES = ("pass", "fail", "error", "skip")
 # The oldest versions supported: pyproject.toml states the same (tests/test_gpu_check.py holds them equal).
 # torch 2.6: torch.distributed.fsdp.fully_shard (train.py --fsdp), nn.RMSNorm. triton 3.2: the oldest whose
 # interpreter passes the kernel tests (3.0 fails them). Checked on CPU: torch 2.6.0 + triton 3.2.0 pass the
-# kernel, model, train, sample and checkpoint tests; train.py averages over processes with SUM and a division
-# because gloo in 2.6.0 and 2.7.1 raises "Cannot use ReduceOp.AVG with Gloo".
+# kernel, model, train, sample and checkpoint tests, and train.py's DDP under torchrun with gloo (it averages
+# with SUM and a division: gloo in 2.6.0 and 2.7.1 raises "Cannot use ReduceOp.AVG with Gloo"). torch 2.6's
+# FSDP2 does not run on CPU ("'Stream' object has no attribute 'record_event'"), so the gloo FSDP tests need
+# a newer torch; FSDP2 on GPUs under 2.6 is untested.
 MIN_VERSIONS = {"torch": "2.6", "triton": "3.2"}
 
 

@@ -32,6 +32,7 @@ at a time in one process, without a process group.
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import os
@@ -177,7 +178,7 @@ def save_sharded(folder: str | os.PathLike, model: nn.Module, optimizer, extra: 
     with warnings.catch_warnings():  # one process, no process group: DCP warns that it assumes so
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
         dcp.save({"model": msd, "optimizer": osd, "rng_cpu": torch.get_rng_state()}, checkpoint_id=tmp,
-                 no_dist=not dist.is_initialized())
+                 **single_process())
     if _is_master():
         (tmp / STATE).write_text(json.dumps(extra))
         shutil.rmtree(prev, ignore_errors=True)
@@ -186,6 +187,14 @@ def save_sharded(folder: str | os.PathLike, model: nn.Module, optimizer, extra: 
         tmp.rename(folder)
         shutil.rmtree(prev, ignore_errors=True)
     _barrier()
+
+
+def single_process() -> dict:
+    """DCP's keyword for a run without a process group: no_dist=True where DCP takes it; torch 2.6 has no
+    such argument and assumes one process by itself (with a warning)."""
+    if dist.is_initialized() or "no_dist" not in inspect.signature(dcp.save).parameters:
+        return {}
+    return {"no_dist": True}
 
 
 def read_state(folder: str | os.PathLike) -> dict:
@@ -209,7 +218,7 @@ def load_sharded(folder: str | os.PathLike, model: nn.Module, optimizer) -> dict
     try:
         with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
             warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-            dcp.load(sd, checkpoint_id=folder, no_dist=not dist.is_initialized())
+            dcp.load(sd, checkpoint_id=folder, **single_process())
     except (CheckpointException, RuntimeError, ValueError, KeyError) as e:  # (CheckpointException: a BaseException)
         raise CheckpointError(f"the sharded checkpoint in {folder} does not fit this model and optimizer "
                               f"({type(e).__name__}).") from None
@@ -297,7 +306,8 @@ def export_sharded(folder: str | os.PathLike, config: ModelConfig, path: str | o
             box = {"model": {n: torch.empty(specs[n][0], dtype=specs[n][1])}}
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-                dcp.load(box, checkpoint_id=folder, planner=DefaultLoadPlanner(allow_partial_load=True), no_dist=True)
+                dcp.load(box, checkpoint_id=folder, planner=DefaultLoadPlanner(allow_partial_load=True),
+                         **single_process())
             yield box["model"][n]
     stream_safetensors(path, specs, tensors(), metadata)
 
