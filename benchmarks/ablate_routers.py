@@ -24,8 +24,8 @@ from __future__ import annotations
 
 import torch
 
-from common import (add_data_args, base_parser, describe, equal_active_configs, imbalance, machine, plot, prepare,
-                    spread, table, train, write_json)
+from common import (add_data_args, add_model_args, add_training_args, base_parser, describe,
+                    equal_active_configs, imbalance, machine, plot, prepare, spread, table, train, write_json)
 from reproduce_blackmamba import inference_load
 
 
@@ -42,16 +42,8 @@ def router_variants(args) -> dict[str, dict]:
 def main():
     p = base_parser(__doc__)
     add_data_args(p)
-    p.add_argument("--d_model", type=int, default=64)
-    p.add_argument("--n_layer", type=int, default=4)
-    p.add_argument("--n_experts", type=int, default=8)
-    p.add_argument("--d_expert", type=int, default=None, help="default: the width matching a dense Mamba layer")
-    p.add_argument("--batch_size", type=int, default=8)
-    p.add_argument("--seq_len", type=int, default=128)
-    p.add_argument("--steps", type=int, default=250)
-    p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--seeds", default="0")
-    p.add_argument("--eval_batches", type=int, default=8)
+    add_model_args(p)
+    add_training_args(p, steps=250, seeds="0")
     p.add_argument("--converged_tol", type=float, default=1e-3)
     p.add_argument("--converged_max_iters", type=int, default=300)
     args = p.parse_args()

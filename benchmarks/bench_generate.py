@@ -22,8 +22,8 @@ import statistics
 
 import torch
 
-from common import (FAMILIES, LABELS, base_parser, describe, equal_active_configs, machine, plot, table, timer,
-                    write_json)
+from common import (FAMILIES, LABELS, add_model_args, base_parser, describe, equal_active_configs, machine,
+                    plot, table, timer, write_json)
 
 from minimamba_moe.generate import state_nbytes
 from minimamba_moe.model import Model
@@ -70,10 +70,7 @@ def measure(models: dict[str, Model], context: int, new: int, repeats: int, devi
 
 def main():
     p = base_parser(__doc__)
-    p.add_argument("--d_model", type=int, default=256)
-    p.add_argument("--n_layer", type=int, default=8)
-    p.add_argument("--n_experts", type=int, default=8)
-    p.add_argument("--d_expert", type=int, default=None, help="default: the width that matches the dense Mamba")
+    add_model_args(p, d_model=256, n_layer=8)
     p.add_argument("--contexts", default="128,256,512,1024,2048,4096,8192")
     p.add_argument("--new", type=int, default=64, help="decoding steps per context (the first is not timed)")
     p.add_argument("--repeats", type=int, default=3, help="prefills per context (median)")

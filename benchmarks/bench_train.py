@@ -21,8 +21,8 @@ import statistics
 
 import torch
 
-from common import (FAMILIES, LABELS, Trainer, add_data_args, base_parser, describe, equal_active_configs,
-                    machine, plot, prepare, table, timer, write_json)
+from common import (FAMILIES, LABELS, Trainer, add_data_args, add_model_args, base_parser, describe,
+                    equal_active_configs, machine, plot, prepare, table, timer, write_json)
 
 from minimamba_moe.data import Batches
 from minimamba_moe.flops import flops_per_token
@@ -31,10 +31,7 @@ from minimamba_moe.flops import flops_per_token
 def main():
     p = base_parser(__doc__)
     add_data_args(p)
-    p.add_argument("--d_model", type=int, default=128)
-    p.add_argument("--n_layer", type=int, default=4)
-    p.add_argument("--n_experts", type=int, default=8)
-    p.add_argument("--d_expert", type=int, default=None, help="default: the width that matches the dense Mamba")
+    add_model_args(p, d_model=128)
     p.add_argument("--batch_size", type=int, default=8)
     p.add_argument("--seq_len", type=int, default=128)
     p.add_argument("--repeats", type=int, default=3, help="timed steps per model and backend (after one warm-up)")

@@ -247,6 +247,26 @@ def timer(args) -> callable:
     return time.process_time if kind == "cpu" else time.perf_counter
 
 
+def add_model_args(p: argparse.ArgumentParser, d_model: int = 64, n_layer: int = 4, n_experts: int = 8,
+                   n_layer_help: str | None = None) -> None:
+    """The size of the Mamba+MoE model; the other models are matched to its active parameters."""
+    p.add_argument("--d_model", type=int, default=d_model)
+    p.add_argument("--n_layer", type=int, default=n_layer, help=n_layer_help)
+    p.add_argument("--n_experts", type=int, default=n_experts)
+    p.add_argument("--d_expert", type=int, default=None, help="default: the width matching the dense Mamba")
+
+
+def add_training_args(p: argparse.ArgumentParser, steps: int, seeds: str, steps_help: str | None = None,
+                      lr_help: str | None = None) -> None:
+    """Batch, schedule length, learning rate, seeds and evaluation size of a training comparison."""
+    p.add_argument("--batch_size", type=int, default=8)
+    p.add_argument("--seq_len", type=int, default=128)
+    p.add_argument("--steps", type=int, default=steps, help=steps_help)
+    p.add_argument("--lr", type=float, default=2e-3, help=lr_help)
+    p.add_argument("--seeds", default=seeds)
+    p.add_argument("--eval_batches", type=int, default=8)
+
+
 def add_data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", default="", help="local text file or folder (default: the Python stdlib's sources)")
     p.add_argument("--data_cache", default="data_cache", help="where the tokenized corpus is cached")

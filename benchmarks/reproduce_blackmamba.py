@@ -30,8 +30,8 @@ import math
 
 import torch
 
-from common import (FAMILIES, LABELS, add_data_args, base_parser, describe, equal_active_configs, imbalance,
-                    machine, plot, prepare, spread, table, train, write_json)
+from common import (FAMILIES, LABELS, add_data_args, add_model_args, add_training_args, base_parser, describe,
+                    equal_active_configs, imbalance, machine, plot, prepare, spread, table, train, write_json)
 
 from minimamba_moe.data import Batches
 from minimamba_moe.flops import flops_per_token
@@ -54,16 +54,8 @@ def inference_load(model, folder, seq_len: int, batches: int, batch_size: int, d
 def main():
     p = base_parser(__doc__)
     add_data_args(p)
-    p.add_argument("--d_model", type=int, default=64)
-    p.add_argument("--n_layer", type=int, default=4)
-    p.add_argument("--n_experts", type=int, default=8)
-    p.add_argument("--d_expert", type=int, default=None, help="default: the width matching the dense Mamba")
-    p.add_argument("--batch_size", type=int, default=8)
-    p.add_argument("--seq_len", type=int, default=128)
-    p.add_argument("--steps", type=int, default=250, help="steps of the Mamba+MoE model; sets the FLOP budget")
-    p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--seeds", default="0,1,2")
-    p.add_argument("--eval_batches", type=int, default=8)
+    add_model_args(p)
+    add_training_args(p, steps=250, seeds="0,1,2", steps_help="steps of the Mamba+MoE model; sets the FLOP budget")
     args = p.parse_args()
     if args.quick:
         args.d_model, args.n_layer, args.n_experts, args.batch_size, args.seq_len = 32, 4, 4, 4, 32

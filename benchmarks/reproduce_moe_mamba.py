@@ -28,8 +28,9 @@ import statistics
 
 import torch
 
-from common import (add_data_args, base_parser, describe, ema, equal_active_configs, machine, plot, prepare, spread,
-                    steps_to_reach, table, train, write_json)
+from common import (add_data_args, add_model_args, add_training_args, base_parser, describe, ema,
+                    equal_active_configs, machine, plot, prepare, spread, steps_to_reach, table, train,
+                    write_json)
 
 
 def speedup(mamba: list[float], moe: list[float]) -> tuple[float | None, int | None]:
@@ -45,18 +46,10 @@ def speedup(mamba: list[float], moe: list[float]) -> tuple[float | None, int | N
 def main():
     p = base_parser(__doc__)
     add_data_args(p)
-    p.add_argument("--d_model", type=int, default=64)
-    p.add_argument("--n_layer", type=int, default=4, help="layers of both models (MoE-Mamba: n_layer/2 pairs)")
-    p.add_argument("--n_experts", type=int, default=16)
-    p.add_argument("--d_expert", type=int, default=None, help="default: the width matching the dense Mamba (~3 d_model)")
-    p.add_argument("--batch_size", type=int, default=8)
-    p.add_argument("--seq_len", type=int, default=128)
-    p.add_argument("--steps", type=int, default=300)
-    p.add_argument("--lr", type=float, default=2e-3, help="peak LR of Mamba (and of MoE-Mamba unless --lr_moe)")
+    add_model_args(p, n_experts=16, n_layer_help="layers of both models (MoE-Mamba: n_layer/2 pairs)")
+    add_training_args(p, steps=300, seeds="0,1,2", lr_help="peak LR of Mamba (and of MoE-Mamba unless --lr_moe)")
     p.add_argument("--lr_moe", type=float, default=None)
-    p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--ema_alpha", type=float, default=0.05, help="smoothing of the training loss (paper: 0.001 over 150K steps)")
-    p.add_argument("--eval_batches", type=int, default=8)
     args = p.parse_args()
     if args.quick:
         args.d_model, args.n_layer, args.n_experts, args.batch_size, args.seq_len = 32, 2, 4, 4, 32
