@@ -126,26 +126,3 @@ def launch_wgrad(a, b, dw, gates, order, offsets, k, a_gathered, b_gathered, a_g
                                int(a_gated), a.stride(0), a.stride(1), b.stride(0), b.stride(1),
                                dw.stride(0), dw.stride(1), dw.stride(2),
                                BLOCK_P=BLOCK_P, BLOCK_Q=BLOCK_Q, BLOCK_R=BLOCK_R, num_warps=4)
-
-
-def aot_specs():
-    specs = []
-    for dt in ("fp32", "bf16"):
-        for BM in (16, 64):
-            consts = {"BLOCK_M": BM, "BLOCK_N": BLOCK_N, "BLOCK_K": BLOCK_K}
-            sig = {"dout_ptr": f"*{dt}", "w2_ptr": f"*{dt}", "h_ptr": f"*{dt}", "a_ptr": f"*{dt}",
-                   "gates_ptr": f"*{dt}", "dh_ptr": f"*{dt}", "dgates_ptr": "*fp32", "order_ptr": "*i64",
-                   "sorted_expert_ptr": "*i64", "N": "i32", "d": "i32", "f": "i32", "k": "i32", "E": "i32",
-                   "act": "i32", "stride_ot": "i32", "stride_od": "i32", "stride_we": "i32", "stride_wd": "i32",
-                   "stride_wf": "i32", "stride_hm": "i32", "stride_am": "i32"}
-            specs.append((_expert_down_bwd_kernel, {**sig, **{c: "constexpr" for c in consts}}, consts))
-        consts = {"BLOCK_P": BLOCK_P, "BLOCK_Q": BLOCK_Q, "BLOCK_R": BLOCK_R}
-        sig = {"a_ptr": f"*{dt}", "b_ptr": f"*{dt}", "dw_ptr": f"*{dt}", "gates_ptr": f"*{dt}", "order_ptr": "*i64",
-               "offsets_ptr": "*i64", "P": "i32", "Q": "i32", "k": "i32", "a_gathered": "i32",
-               "b_gathered": "i32", "a_gated": "i32", "stride_am": "i32", "stride_ap": "i32", "stride_bm": "i32",
-               "stride_bq": "i32", "stride_we": "i32", "stride_wp": "i32", "stride_wq": "i32"}
-        specs.append((_expert_wgrad_kernel, {**sig, **{c: "constexpr" for c in consts}}, consts))
-    return specs
-
-
-AOT_SPECS = aot_specs()

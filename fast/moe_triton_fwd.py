@@ -163,26 +163,3 @@ def launch_down(a, w, w_strides, out, gates, order, sorted_expert, k, has_gate):
     _expert_down_kernel[grid](a, w, out, gates, order, sorted_expert, N, K, n_out, k, E, int(has_gate),
                               a.stride(0), a.stride(1), *w_strides, out.stride(0), out.stride(1),
                               BLOCK_M=BM, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, num_warps=4)
-
-
-def aot_specs():
-    """What the launchers launch: both BLOCK_M, fp32 and bf16 activations/weights."""
-    specs = []
-    for dt in ("fp32", "bf16"):
-        for BM in (16, 64):
-            consts = {"BLOCK_M": BM, "BLOCK_N": BLOCK_N, "BLOCK_K": BLOCK_K}
-            up = {"x_ptr": f"*{dt}", "w1_ptr": f"*{dt}", "h_ptr": f"*{dt}", "a_ptr": f"*{dt}", "order_ptr": "*i64",
-                  "sorted_expert_ptr": "*i64", "N": "i32", "d": "i32", "f": "i32", "k": "i32", "E": "i32",
-                  "act": "i32", "stride_xt": "i32", "stride_xd": "i32", "stride_we": "i32", "stride_wr": "i32",
-                  "stride_wd": "i32", "stride_hm": "i32", "stride_am": "i32"}
-            down = {"a_ptr": f"*{dt}", "w_ptr": f"*{dt}", "out_ptr": "*fp32", "gates_ptr": f"*{dt}",
-                    "order_ptr": "*i64", "sorted_expert_ptr": "*i64", "N": "i32", "K": "i32", "n_out": "i32",
-                    "k": "i32", "E": "i32", "has_gate": "i32", "stride_am": "i32", "stride_ak": "i32",
-                    "stride_we": "i32", "stride_wk": "i32", "stride_wn": "i32", "stride_ot": "i32",
-                    "stride_on": "i32"}
-            for kernel, sig in ((_expert_up_kernel, up), (_expert_down_kernel, down)):
-                specs.append((kernel, {**sig, **{c: "constexpr" for c in consts}}, consts))
-    return specs
-
-
-AOT_SPECS = aot_specs()

@@ -43,7 +43,7 @@ import triton
 import triton.language as tl
 
 from .scan_triton_bwd import scan_backward
-from .scan_triton_chunk import BLOCK_D_FWD, BLOCK_L, NUM_WARPS, _chunk_states, _load_chunk, block_sizes
+from .scan_triton_chunk import NUM_WARPS, _chunk_states, _load_chunk, block_sizes
 
 
 # --8<-- [start:scan_fwd_kernel]
@@ -145,23 +145,3 @@ def selective_scan_triton(u, delta, A, B, C, D=None, z=None, delta_bias=None, de
     the channel block (the tests use tiny ones under TRITON_INTERPRET=1).
     """
     return _ScanTriton.apply(u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus, block_l, block_d)
-
-
-def _aot_specs():
-    """What the launcher launches for the model: every optional input present, softplus, n = 16."""
-    specs = []
-    for io in ("fp32", "bf16"):
-        sig = {name: f"*{io}" for name in ("u_ptr", "delta_ptr", "B_ptr", "C_ptr", "z_ptr", "out_ptr")}
-        sig.update({name: "*fp32" for name in ("A_ptr", "D_ptr", "bias_ptr", "h0_ptr", "last_ptr", "h_starts_ptr")})
-        sig.update({"Dm": "i32", "L": "i32", "N": "i32", "n_chunks": "i32"})
-        consts = dict(HAS_D=True, HAS_Z=True, HAS_BIAS=True, SOFTPLUS=True, BLOCK_D=BLOCK_D_FWD, BLOCK_N=16,
-                      BLOCK_L=BLOCK_L)
-        for has_h0 in (False, True):
-            c = {**consts, "HAS_H0": has_h0}
-            signature = {k: sig[k] for k in _scan_fwd_kernel.arg_names if k in sig}
-            signature.update({k: "constexpr" for k in c})
-            specs.append((_scan_fwd_kernel, signature, c))
-    return specs
-
-
-AOT_SPECS = _aot_specs()  # (kernel, signature, constexprs) for fast/aot.py

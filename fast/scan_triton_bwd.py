@@ -157,24 +157,3 @@ def scan_backward(u, delta, A, B, C, D, z, delta_bias, h_starts, g_out, g_last, 
     g_bias = g_delta.sum((0, 2)) if delta_bias is not None else None
     g_D = gD_part.sum(0) if D is not None else None
     return g_u, g_delta, gA_part.sum(0), gB_part.sum(0), gC_part.sum(0), g_D, g_z, g_bias, g_h0
-
-
-def _aot_specs():
-    """What the launcher launches for the model: every optional input present, softplus, n = 16."""
-    specs = []
-    for io in ("fp32", "bf16"):
-        sig = {name: f"*{io}" for name in ("u_ptr", "delta_ptr", "B_ptr", "C_ptr", "z_ptr", "g_out_ptr")}
-        for name in _scan_bwd_kernel.arg_names:
-            if name.endswith("_ptr") and name not in sig:
-                sig[name] = "*fp32"
-        sig.update({"Dm": "i32", "L": "i32", "N": "i32", "n_chunks": "i32", "batch": "i32"})
-        for has_glast in (False, True):
-            c = dict(HAS_D=True, HAS_Z=True, HAS_BIAS=True, HAS_GLAST=has_glast, SOFTPLUS=True,
-                     BLOCK_D=BLOCK_D_BWD, BLOCK_N=16, BLOCK_L=BLOCK_L)
-            signature = {k: sig[k] for k in _scan_bwd_kernel.arg_names if k in sig}
-            signature.update({k: "constexpr" for k in c})
-            specs.append((_scan_bwd_kernel, signature, c))
-    return specs
-
-
-AOT_SPECS = _aot_specs()  # (kernel, signature, constexprs) for fast/aot.py

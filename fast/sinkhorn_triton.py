@@ -117,20 +117,3 @@ def sinkhorn_triton(logits, init="blackmamba", stopping="absolute", tol=1e-4, ma
         BLOCK_T=BLOCK_T, BLOCK_E=BLOCK_E, num_warps=4,
     )
     return P, n_iters[0]
-
-
-def _aot_specs():
-    specs = []
-    for dtype in ("fp32", "bf16"):
-        for E in (16, 32, 64):
-            BLOCK_T, BLOCK_E = block_sizes(E)
-            signature = {"logits_ptr": f"*{dtype}", "P_ptr": "*fp32", "d0_ptr": "*fp32", "n_iters_ptr": "*i64",
-                         "T": "i32", "E": "i32", "stride_t": "i32", "stride_e": "i32",
-                         "logit_scale": "fp32", "tol": "fp32", "eps": "fp32",
-                         "max_iters": "i32", "init_uniform": "i32", "marginal": "i32",
-                         "BLOCK_T": "constexpr", "BLOCK_E": "constexpr"}
-            specs.append((_sinkhorn_kernel, signature, {"BLOCK_T": BLOCK_T, "BLOCK_E": BLOCK_E}))
-    return specs
-
-
-AOT_SPECS = _aot_specs()  # (kernel, signature, constexprs) for fast/aot.py: what the launcher launches

@@ -84,20 +84,3 @@ def selective_state_update_triton(state, x, dt, A, B, C, D=None, z=None, dt_bias
     if work is not state:
         state.copy_(work)
     return out
-
-
-def _aot_specs():
-    """What Model.step launches: every optional input present, softplus, n = 16."""
-    specs = []
-    for io in ("fp32", "bf16"):
-        sig = {k: f"*{io}" for k in ("x_ptr", "dt_ptr", "B_ptr", "C_ptr", "z_ptr", "out_ptr")}
-        sig.update({k: "*fp32" for k in ("state_ptr", "A_ptr", "D_ptr", "bias_ptr")})
-        sig.update({"Dm": "i32", "N": "i32"})
-        c = dict(HAS_D=True, HAS_Z=True, HAS_BIAS=True, SOFTPLUS=True, BLOCK_D=BLOCK_D_STEP, BLOCK_N=16)
-        signature = {k: sig[k] for k in _state_update_kernel.arg_names if k in sig}
-        signature.update({k: "constexpr" for k in c})
-        specs.append((_state_update_kernel, signature, c))
-    return specs
-
-
-AOT_SPECS = _aot_specs()  # (kernel, signature, constexprs) for fast/aot.py
