@@ -85,8 +85,8 @@ PACKAGE_DIRS = {"minimamba_moe": "minimamba_moe", "minimamba_moe.reference": "re
                 "minimamba_moe.fast": "fast"}  # pyproject.toml [tool.setuptools.package-dir]
 KERNEL_SECTIONS = ("env", "scan", "step", "moe", "sinkhorn", "model")  # gpu_check_kernels.py; run side by side
 SECTIONS = KERNEL_SECTIONS + ("train", "sample", "speed")  # gpu_check_runs.py; one at a time, in this order
-# Seconds each section may run (estimates for one H100 in benchmarks/gpu_check.py's notes in docs/benchmarks.md:
-# about half of each cap), and what stays held back for train and sample while an earlier section runs.
+# Seconds each section may run: about twice the estimates for one H100 in docs/benchmarks.md ("The one GPU
+# check"); and what stays held back for train and sample while a section before them runs.
 CAPS = dict(env=60, scan=120, step=60, moe=120, sinkhorn=60, model=120, train=150, sample=90, speed=120)
 RESERVE = dict(train=60, sample=45)
 MIN_BOX = 5.0  # a section with less time than this is not started

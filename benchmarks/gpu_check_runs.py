@@ -190,10 +190,12 @@ def run_script(script, args, timeout):
     """python SCRIPT ARGS with this checkout's package (installed or not); -> CompletedProcess (text)."""
     cmd = [sys.executable, "-c", SHIM.format(bench=str(REPO / "benchmarks")), str(REPO / script), *args]
     try:
-        return subprocess.run(cmd, capture_output=True, text=True, timeout=max(1, timeout), cwd=REPO)
-    except subprocess.TimeoutExpired as e:
+        return subprocess.run(cmd, capture_output=True, encoding="utf-8", errors="replace", timeout=max(1, timeout),
+                              cwd=REPO)  # sample.py prints random-weight text: any bytes, any locale
+    except subprocess.TimeoutExpired as e:  # (its output so far arrives as bytes, whatever the encoding asked)
+        text = [o.decode("utf-8", "replace") if isinstance(o, bytes) else (o or "") for o in (e.stdout, e.stderr)]
         raise TimeoutError(f"{script} {' '.join(args)} did not finish in {timeout:.0f} s; output so far:\n"
-                           f"{(e.stdout or b'')[-2000:]!s}\n{(e.stderr or b'')[-2000:]!s}") from None
+                           f"{text[0][-2000:]}\n{text[1][-2000:]}") from None
 
 
 def checked(proc, what):
