@@ -333,21 +333,23 @@ def stop(run: Running) -> None:
     run.proc.wait()
 
 
-def finish(section, run: Running, planned: list[dict], killed: str | None) -> list[dict]:
-    """The section's rows once its process has ended: its own, its unreached checks with the reason."""
+def is_placeholder(r) -> bool:
+    return r["status"] == "skip" and str(r["metrics"].get("reason", "")).startswith(NOT_RUN)
+
+
+def finish(section, run: Running, planned: list[dict], killed: str | None = None, why: str | None = None) -> list[dict]:
+    """The section's rows once its process has ended: its own, and its unreached checks with ``why`` (by
+    default: its time box if it was ``killed``, else its process's early exit)."""
     code = run.proc.returncode
     tail = run.log.read_text(errors="replace")[-4000:] if run.log.exists() else ""
     if killed:
-        why, problem = f"the section's time box of {run.timeout:.0f} s ran out before this check", killed
+        why, problem = why or f"the section's time box of {run.timeout:.0f} s ran out before this check", killed
     elif code != 0:
         why, problem = "the section's process exited before this check", f"section process exited {code}"
     else:
         why = problem = None
-    rows = []
-    for r in merge(planned, read_rows(run.results)):
-        if r["status"] == "skip" and str(r["metrics"].get("reason", "")).startswith(NOT_RUN) and why:
-            r = not_run(section, r["name"], why)
-        rows.append(r)
+    rows = [not_run(section, r["name"], why) if why and is_placeholder(r) else r
+            for r in merge(planned, read_rows(run.results))]
     if problem:
         rows.append(row(section, "section process", "error", time.monotonic() - run.started,
                         error=f"{problem}; its output ends with:\n{tail}"))
@@ -378,6 +380,7 @@ def run_plan(args, planned: dict, write: Callable, launcher=launch, poll_s=0.5, 
                     stop(r)
                     killed = f"section killed at its time box of {r.timeout:.0f} s"
                 if r.proc.poll() is not None:
+                    stop(r)  # whatever it started and left behind must not hold the GPU for the next section
                     done[s] = finish(s, running.pop(s), planned[s], killed)
             while waiting:
                 s = waiting[0]
@@ -388,8 +391,7 @@ def run_plan(args, planned: dict, write: Callable, launcher=launch, poll_s=0.5, 
                 box = time_box(s, plan, time.monotonic(), deadline)
                 if box < MIN_BOX:
                     why = f"the run's --budget of {args.budget:.0f} s was spent before this section started"
-                    done[s] = [not_run(s, r["name"], why) if str(r["metrics"].get("reason", "")).startswith(NOT_RUN)
-                               else r for r in planned[s]]
+                    done[s] = [not_run(s, r["name"], why) if is_placeholder(r) else r for r in planned[s]]
                     continue
                 running[s] = launcher(s, args, args.tmp, box)
             if time.monotonic() - last_write > write_every_s:
@@ -403,10 +405,12 @@ def run_plan(args, planned: dict, write: Callable, launcher=launch, poll_s=0.5, 
     except (KeyboardInterrupt, Interrupted) as e:
         for s, r in list(running.items()):
             stop(r)
-            done[s] = finish(s, running.pop(s), planned[s], f"section stopped: the run was interrupted ({e!r})")
+            done[s] = finish(s, running.pop(s), planned[s], f"section stopped: the run was interrupted ({e!r})",
+                             why="the run was interrupted before this check")
         rows = snapshot()
         for s in waiting:
-            rows[s] = [not_run(s, r["name"], "the run was interrupted before this section") for r in planned[s]]
+            rows[s] = [not_run(s, r["name"], "the run was interrupted before this section") if is_placeholder(r)
+                       else r for r in planned[s]]
         write(rows, f"interrupted ({e!r}): the sections after the interruption did not run")
         raise
     return snapshot()

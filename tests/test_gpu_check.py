@@ -237,6 +237,8 @@ def test_a_run_cut_off_from_outside_leaves_a_summary_listing_every_planned_check
     last = json.loads((out / "summary.json").read_text())
     assert "interrupted" in last["note"] and len(last["rows"]) >= len(first["rows"])
     assert {r["name"] for r in first["rows"]} <= {r["name"] for r in last["rows"]}
+    unrun = [r["metrics"]["reason"] for r in last["rows"] if gpu_check.is_placeholder(r)]
+    assert unrun and all("interrupted" in reason for reason in unrun), unrun  # not blamed on a time box
     assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temporary file left behind
 
 
