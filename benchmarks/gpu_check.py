@@ -547,8 +547,9 @@ def main(argv=None) -> int:
     # MFU against the matmul measured in this run, beside the nominal peak
     matmul = next((r["metrics"].get("TFLOPs") for r in rows if r["name"].startswith("dense matmul")), None)
     for r in rows:
-        if r["section"] == "train" and isinstance(matmul, float) and isinstance(r["metrics"].get("model_TFLOPs"), float):
-            r["metrics"]["of_measured_matmul"] = r["metrics"]["model_TFLOPs"] / matmul
+        achieved = r["metrics"].get("model_TFLOPs")
+        if r["section"] == "train" and isinstance(matmul, float) and isinstance(achieved, float):
+            r["metrics"]["of_measured_matmul"] = achieved / matmul
     counts = write_summary(out, rows, dict(info, wall_s=time.monotonic() - args.t0))
     late = sum(skipped_for_time(r) for r in rows)
     print(f"gpu_check: {counts['pass']} passed, {counts['fail']} failed, {counts['error']} errors, "

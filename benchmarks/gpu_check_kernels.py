@@ -348,12 +348,17 @@ def section_model(ctx):
         return compare([("prefill+step logits", torch.cat([pre, rest], 1), full)], 1e-4, 1e-4)  # test_model.py STEP_*
 
     for family, (preset, extra) in FAMILIES.items():
-        yield check(f"{family} small fp32: fast vs reference, logits + grads", backends, preset, {**SMALL, **extra}, 2, 10)
-        yield check(f"{family} small: prefill + step == forward (fast)", step_equals_forward, preset, {**SMALL, **extra}, 9)
+        yield check(f"{family} small fp32: fast vs reference, logits + grads",
+                    backends, preset, {**SMALL, **extra}, 2, 10)
+        yield check(f"{family} small: prefill + step == forward (fast)",
+                    step_equals_forward, preset, {**SMALL, **extra}, 9)
     if ctx.cuda:
         yield check("blackmamba small bf16 autocast: fast vs reference", backends, "tiny", SMALL, 2, 10, True)
     if not ctx.quick:
         big = dict(n_layer=2, vocab_size=4096)
-        yield check("blackmamba-1.5b 2 layers fp32 b=1 l=512: fast vs reference", backends, "blackmamba-1.5b", big, 1, 512)
-        yield check("blackmamba-1.5b 2 layers: prefill + step == forward", step_equals_forward, "blackmamba-1.5b", big, 32)
-        yield check("moe-mamba-100m 2 layers fp32 b=1 l=512: fast vs reference", backends, "moe-mamba-100m", big, 1, 512)
+        yield check("blackmamba-1.5b 2 layers fp32 b=1 l=512: fast vs reference",
+                    backends, "blackmamba-1.5b", big, 1, 512)
+        yield check("blackmamba-1.5b 2 layers: prefill + step == forward",
+                    step_equals_forward, "blackmamba-1.5b", big, 32)
+        yield check("moe-mamba-100m 2 layers fp32 b=1 l=512: fast vs reference",
+                    backends, "moe-mamba-100m", big, 1, 512)
