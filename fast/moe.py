@@ -6,7 +6,9 @@ Same signature and docstring as ``reference.moe.moe_experts`` (diff them). Where
                                     first GEMM, fused gated activation, gate * scatter-add in the
                                     second; hand-written backward kernels
     CPU tensors  -> moe_cpu.py      sort + torch grouped_mm (per-expert matmuls as fallback),
-    (and float64)                   hand-written backward; without gradients, in blocks of rows
+    (and float64, and CUDA          hand-written backward; without gradients, in blocks of rows
+    problems too big for the
+    kernels' 32-bit offsets)
     both         -> routing.py      expert histogram, offsets and permutation, on the device
 
 Glossary (code name = meaning, shape): as in reference/moe.py —
@@ -25,9 +27,11 @@ from minimamba_moe.reference.checks import check_expert_range, check_moe_experts
 from .moe_cpu import MoEExpertsCPU, moe_experts_no_grad
 
 try:  # triton is a dependency on Linux only; elsewhere every tensor takes the PyTorch path
-    from .moe_triton import moe_experts_triton
+    from .moe_triton import largest_operand, moe_experts_triton
 except ImportError:
     moe_experts_triton = None
+
+OFFSET_LIMIT = 2**31  # the Triton kernels' offsets are 32-bit: larger problems take the PyTorch path
 
 
 def moe_experts(x, expert_idx, gates, w1, w2, activation="swiglu"):
@@ -51,7 +55,7 @@ def moe_experts(x, expert_idx, gates, w1, w2, activation="swiglu"):
             would cost a host sync per call, and drops such slots instead.)
     """
     E = check_moe_experts(x, expert_idx, gates, w1, w2, activation)[3]
-    if x.is_cuda and x.dtype != torch.float64 and moe_experts_triton is not None:
+    if _on_gpu(x) and largest_operand(*expert_idx.shape, x.shape[1], w1.shape[1], w2.shape[2], E) < OFFSET_LIMIT:
         # The range check would read the indices back to the host (a sync per layer): on the GPU it
         # is skipped, and an index outside [0, E) is treated like -1 (dropped) by the kernels.
         return _triton_under_autocast(x, expert_idx, gates, w1, w2, activation)
@@ -59,6 +63,11 @@ def moe_experts(x, expert_idx, gates, w1, w2, activation="swiglu"):
     if torch.is_grad_enabled() and any(t.requires_grad for t in (x, gates, w1, w2)):
         return MoEExpertsCPU.apply(x, expert_idx, gates, w1, w2, activation)
     return moe_experts_no_grad(x, expert_idx, gates, w1, w2, activation)
+
+
+def _on_gpu(x):
+    """True when x is a CUDA tensor the kernels take (not float64) and triton imported."""
+    return x.is_cuda and x.dtype != torch.float64 and moe_experts_triton is not None
 
 
 def _triton_under_autocast(x, expert_idx, gates, w1, w2, activation):

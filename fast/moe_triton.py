@@ -71,6 +71,13 @@ class MoEExpertsTriton(torch.autograd.Function):
 # --8<-- [end:MoEExpertsTriton]
 
 
+def largest_operand(T, k, d, F1, f, E):
+    """Elements of the largest tensor the kernels index: x (T, d), h (T k, F1), a (T k, f), w1
+    (E, F1, d), w2 (E, d, f). The kernels' offsets are 32-bit, so fast/moe.py sends the experts
+    here only while this is below 2**31."""
+    return max(T * d, T * k * F1, T * k * f, E * F1 * d, E * d * f)
+
+
 def moe_experts_triton(x, expert_idx, gates, w1, w2, activation="swiglu"):
     """moe_experts through the Triton kernels (any device the kernels run on; arguments not re-checked)."""
     return MoEExpertsTriton.apply(x, expert_idx, gates, w1, w2, activation)

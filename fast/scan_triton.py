@@ -42,7 +42,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .scan_triton_bwd import scan_backward
+from .scan_triton_bwd import BLOCK_D_BWD, scan_backward
 from .scan_triton_chunk import NUM_WARPS, _channel_block, _chunk_states, _load_chunk, _load_params, block_sizes
 
 
@@ -124,6 +124,15 @@ class _ScanTriton(torch.autograd.Function):
         grads = scan_backward(*ctx.saved_tensors, g_out, g_last, ctx.delta_softplus, ctx.block_l, ctx.block_d)
         grads = [None if g is None or dt is None else g.to(dt) for g, dt in zip(grads, ctx.dtypes)]
         return (*grads, None, None, None)
+
+
+def largest_operand(b, d, L, n):
+    """Elements of the largest tensor the forward or backward kernel indexes: u-shaped (b, d, L),
+    h_starts (b, chunks, d, n), the gB/gC partials (d blocks, b, n, L). The kernels' offsets are
+    32-bit, so fast/selective_scan.py sends the scan here only while this is below 2**31."""
+    chunks = triton.cdiv(L, block_sizes(d, n)[2])
+    d_blocks = triton.cdiv(d, block_sizes(d, n, None, BLOCK_D_BWD)[0])
+    return max(b * d * L, b * chunks * d * n, d_blocks * b * n * L)
 
 
 def selective_scan_triton(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,

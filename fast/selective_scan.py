@@ -9,8 +9,9 @@ Read in this order:
     fast/scan_triton.py           the Triton forward and backward kernels (CUDA, or the interpreter)
     fast/state_update_triton.py   the Triton decode step
 
-Dispatch: CUDA tensors in float32/bfloat16/float16 go to Triton; everything else (CPU, float64)
-goes to the PyTorch path of fast/scan_cpu.py, which needs no triton. The Triton launchers are also
+Dispatch: CUDA tensors in float32/bfloat16/float16 go to Triton; everything else (CPU, float64,
+and problems too big for the kernels' 32-bit offsets: 2**31 elements in one operand) goes to the
+PyTorch path of fast/scan_cpu.py, which needs no triton. The Triton launchers are also
 importable on their own (``selective_scan_triton``, ``selective_state_update_triton``) so the tests
 can run them on CPU tensors under ``TRITON_INTERPRET=1``.
 """
@@ -23,10 +24,12 @@ from minimamba_moe.reference.checks import check_selective_scan, check_selective
 from .scan_cpu import selective_scan_cpu
 
 try:  # triton is a dependency on Linux only; elsewhere every tensor takes the PyTorch path
-    from .scan_triton import selective_scan_triton
+    from .scan_triton import largest_operand, selective_scan_triton
     from .state_update_triton import selective_state_update_triton
 except ImportError:
     selective_scan_triton = selective_state_update_triton = None
+
+OFFSET_LIMIT = 2**31  # the Triton kernels' offsets are 32-bit: larger problems take the PyTorch path
 
 _TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -75,7 +78,8 @@ def selective_scan(
     check_selective_scan(u, delta, A, B, C, D, z, delta_bias, initial_state)
 
     f = compute_dtype(u, delta, A, B, C, D, z, delta_bias, initial_state)
-    if f == torch.float32 and _use_triton(u, delta, A, B, C, D, z, delta_bias, initial_state):
+    if (f == torch.float32 and _use_triton(u, delta, A, B, C, D, z, delta_bias, initial_state)
+            and largest_operand(*u.shape, A.shape[1]) < OFFSET_LIMIT):
         out, last = selective_scan_triton(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state)
     else:
         out, last = selective_scan_cpu(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, f)
@@ -108,7 +112,8 @@ def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, 
     check_selective_state_update(state, x, dt, A, B, C, D, z, dt_bias)
 
     f = compute_dtype(state, x, dt, A, B, C, D, z, dt_bias)
-    if f == torch.float32 and state.dtype == torch.float32 and _use_triton(state, x, dt, A, B, C, D, z, dt_bias):
+    if (f == torch.float32 and state.dtype == torch.float32 and _use_triton(state, x, dt, A, B, C, D, z, dt_bias)
+            and state.numel() < OFFSET_LIMIT):
         return selective_state_update_triton(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus)
 
     # One position needs no loop: the reference's math, (b, d, n) tiles, fused where torch allows.
