@@ -26,11 +26,11 @@ import time
 
 import torch
 
-from minimamba_moe.checkpoint import (DEFAULT_OUT_DIR, CheckpointError, load_model, read_config, recover_interrupted_save,
-                                      save_model)
+from minimamba_moe.checkpoint import DEFAULT_OUT_DIR, CheckpointError, load_model, read_config, recover_interrupted_save
 from minimamba_moe.cli import MAX_THREADS, run_main, set_threads
 from minimamba_moe.config import BACKENDS, ConfigError
-from minimamba_moe.convert import ACTIVATIONS, DEFAULT_ACTIVATION, load_zyphra, stored_tokenizer_spec
+from minimamba_moe.convert import (ACTIVATIONS, DEFAULT_ACTIVATION, check_out_dir, load_zyphra, save_converted,
+                                   stored_tokenizer_spec)
 from minimamba_moe.generate import StreamDecoder, generate_tokens
 from minimamba_moe.memory import MemoryCheckError, check_fits, inference_memory
 from minimamba_moe.tokenizer import TokenizerError, load_tokenizer
@@ -127,13 +127,15 @@ def load(args, device, dtype):
     if args.zyphra:
         if not args.tokenizer:
             raise UsageError("--zyphra needs --tokenizer PATH/tokenizer.json (GPT-NeoX's, from EleutherAI/gpt-neox-20b).")
+        if args.save_converted:
+            check_out_dir(args.save_converted)  # before the minutes spent reading the weights
         tok = load_tokenizer(args.tokenizer)
         model = load_zyphra(args.zyphra, args.activation, tok, dtype).to(device)
         n = model.count_params()
         print(f"{args.zyphra}: BlackMamba preset {model.config.name}, {model.config.mlp_activation} experts, "
               f"{n.total / 1e6:.1f}M params ({n.active / 1e6:.1f}M active)", file=sys.stderr)
         if args.save_converted:
-            save_model(model, args.save_converted, tokenizer=stored_tokenizer_spec(args.tokenizer))
+            save_converted(model, args.save_converted, tokenizer=stored_tokenizer_spec(args.tokenizer))
             print(f"saved the converted checkpoint to {args.save_converted}", file=sys.stderr)
     else:
         recover_interrupted_save(args.ckpt)  # before anything reads the folder
