@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 import time
 
@@ -197,6 +198,8 @@ def main(argv=None) -> None:
     set_threads(args.threads, device, model.count_params().total)  # the policy train.py follows too
 
     text = read_prompt(args)
+    if hasattr(sys.stdout, "reconfigure"):  # a terminal that cannot show a character gets "?", not an error
+        sys.stdout.reconfigure(errors="replace")
     ids = tok.encode(text)
     if not ids:  # start from end-of-text, or a newline for the byte tokenizer
         ids = [tok.eot_token] if tok.eot_token is not None else tok.encode("\n")
@@ -216,7 +219,7 @@ def main(argv=None) -> None:
                 print("\n" + "-" * 40, flush=True)
             print(text, end="", flush=True)
             tokens = generate_tokens(model, prompt, max_new, args.temperature, args.top_k or None,
-                                     args.top_p if args.top_p < 1 else None, gen)
+                                     args.top_p if args.top_p < 1 else None, gen, vocab_size=tok.vocab_size)
             stream = StreamDecoder(tok)
             for i in range(max_new):
                 sync()
@@ -236,6 +239,9 @@ def main(argv=None) -> None:
             print(stream.flush(), flush=True)
     except KeyboardInterrupt:
         print(file=sys.stderr)
+    except BrokenPipeError:  # the reader stopped (`python sample.py | head`): stop too, quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit's flush
+        return
     rate = lambda n, s: f"{n / s:.1f} tokens/s" if s > 0 else "n/a"  # noqa: E731
     report = f"prefill: {n_prefill} tokens in {prefill_s:.3f} s ({rate(n_prefill, prefill_s)})"
     report += f" | decode: {n_decode} tokens in {decode_s:.3f} s ({rate(n_decode, decode_s)}"
