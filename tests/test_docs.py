@@ -118,6 +118,13 @@ def test_every_name_in_backticks_exists(page):
     assert not problems, f"docs/{page.relative_to(DOCS).as_posix()} names things that do not exist:\n  " + "\n  ".join(problems)
 
 
+def test_the_testing_page_describes_every_test_file():
+    table = (DOCS / "testing.md").read_text(encoding="utf-8")
+    missing = [f.relative_to(ROOT).as_posix() for f in sorted((ROOT / "tests").glob("test_*.py"))
+               if f"| `{f.relative_to(ROOT).as_posix()}` |" not in table]
+    assert not missing, f"docs/testing.md's table of what each file asserts has no row for {missing}"
+
+
 def test_nav_lists_every_page():
     nav = set(re.findall(r"^\s*-\s*[^:\n]+:\s*(\S+\.md)\s*$", (ROOT / "mkdocs.yml").read_text(), re.M))
     pages = {p.relative_to(DOCS).as_posix() for p in PAGES}
@@ -297,6 +304,18 @@ def test_command_runs_and_prints_what_the_page_shows(command_runs, page, cmd, sh
                          f"prints; paste the new output:\n--- page\n{shown}\n--- now\n{stdout}")
     worse = [(g, w) for g, w in zip(got_errs, want_errs) if g > max(10 * w, 1e-5)]
     assert not worse, f"{cmd!r}: errors grew well past what the page shows (now, page): {worse}"
+
+
+PYTHON_BLOCKS = [(page, m.group(1)) for page in PAGES
+                 for m in re.finditer(r"^```python\n(.*?)^```", page.read_text(encoding="utf-8"), re.S | re.M)
+                 if not m.group(1).lstrip().startswith("--8<--")]  # included sections are the source's own
+
+
+@pytest.mark.parametrize("page,code", PYTHON_BLOCKS, ids=[p.relative_to(DOCS).as_posix() for p, _ in PYTHON_BLOCKS])
+def test_python_blocks_written_on_a_page_run_as_written(page, code):
+    """A reader pastes the block into Python: it must not need names the page never defined."""
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, f"docs/{page.relative_to(DOCS).as_posix()}: a python block fails as written:\n{r.stderr}"
 
 
 def test_api_pages_document_every_op_of_both_backends():
