@@ -26,7 +26,7 @@ How the data flows (moe_triton.py launches these in this order):
 import triton
 import triton.language as tl
 
-from .moe_triton_fwd import BLOCK_K, BLOCK_N, _block_rows, _expert_dot, block_m
+from .moe_triton_fwd import BLOCK_K, BLOCK_N, NUM_WARPS, _block_rows, _grouped_dot, launch_row_blocks
 
 
 # --8<-- [start:expert_down_bwd_kernel]
@@ -41,10 +41,9 @@ def _expert_down_bwd_kernel(
     rows, kept, expert, slot, token, e_first, e_last = _block_rows(order_ptr, sorted_expert_ptr, N, k, E, BLOCK_M)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)  # (BN,) hidden units j < f
     col_ok = cols < f
-    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for e in range(e_first, e_last + 1):  # da_raw = dout[token] @ w2[e]: B[kk, j] = w2[e, kk, j]
-        acc = _expert_dot(acc, dout_ptr, token, stride_ot, stride_od, expert == e, w2_ptr + e * stride_we,
-                          stride_wd, stride_wf, cols, col_ok, d, BLOCK_K)
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)  # da_raw = dout[token] @ w2[e]: B[kk, j] = w2[e, kk, j]
+    acc = _grouped_dot(acc, dout_ptr, token, stride_ot, stride_od, expert, e_first, e_last,
+                       w2_ptr, stride_we, stride_wd, stride_wf, cols, col_ok, d, BLOCK_K)
 
     mask = kept[:, None] & col_ok[None, :]
     dtype = h_ptr.dtype.element_ty
@@ -110,12 +109,9 @@ def launch_down_bwd(dout, w2, h, a, gates, dh, dgates, order, sorted_expert, k, 
     """dh (N, F1) and dgates (T*k,) += from dout (T, d); see _expert_down_bwd_kernel."""
     N, f = a.shape
     E, d, _ = w2.shape
-    BM = block_m(N)
-    grid = (triton.cdiv(N, BM), triton.cdiv(f, BLOCK_N))
-    _expert_down_bwd_kernel[grid](dout, w2, h, a, gates, dh, dgates, order, sorted_expert, N, d, f, k, E, act,
-                                  dout.stride(0), dout.stride(1), w2.stride(0), w2.stride(1), w2.stride(2),
-                                  h.stride(0), a.stride(0), BLOCK_M=BM, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
-                                  num_warps=4)
+    launch_row_blocks(_expert_down_bwd_kernel, N, f, dout, w2, h, a, gates, dh, dgates, order, sorted_expert,
+                      N, d, f, k, E, act, dout.stride(0), dout.stride(1), w2.stride(0), w2.stride(1), w2.stride(2),
+                      h.stride(0), a.stride(0))
 
 
 def launch_wgrad(a, b, dw, gates, order, offsets, k, a_gathered, b_gathered, a_gated):
@@ -125,7 +121,7 @@ def launch_wgrad(a, b, dw, gates, order, offsets, k, a_gathered, b_gathered, a_g
     _expert_wgrad_kernel[grid](a, b, dw, gates, order, offsets, P, Q, k, int(a_gathered), int(b_gathered),
                                int(a_gated), a.stride(0), a.stride(1), b.stride(0), b.stride(1),
                                dw.stride(0), dw.stride(1), dw.stride(2),
-                               BLOCK_P=BLOCK_P, BLOCK_Q=BLOCK_Q, BLOCK_R=BLOCK_R, num_warps=4)
+                               BLOCK_P=BLOCK_P, BLOCK_Q=BLOCK_Q, BLOCK_R=BLOCK_R, num_warps=NUM_WARPS)
 
 
 def aot_specs():

@@ -15,8 +15,8 @@ How the data flows:
     1. _expert_up_kernel, grid (row blocks, f blocks): rows' tokens are gathered straight from x
        inside the K loop; the gate and up columns of one hidden block are two accumulators of the
        same program, so the activation is fused into the epilogue and h, a are written once.
-       (Each accumulator's K loop loads its x tile itself: the second load hits L1/L2. One dot over
-       a [gate | up] weight tile would load it once, at the cost of splitting the tile in registers.)
+       (Each accumulator's pass loads its x tiles itself: the second pass's loads hit L1/L2. One dot
+       over a [gate | up] weight tile would load them once, at the cost of splitting the tile in registers.)
     2. _expert_down_kernel, grid (row blocks, output blocks): a @ w2[e].T, then the epilogue
        multiplies each row by its slot's gate and atomically adds it into out[token] (scatter-add;
        with k > 1 the k slots of a token meet there). The backward reuses it for dx (no gate).
@@ -24,7 +24,9 @@ How the data flows:
 A block of sorted rows can straddle experts (offsets are not multiples of BLOCK_M; no padding).
 The program loops over the experts its rows belong to, e_first..e_last, and in each pass loads
 only the rows of that expert (the others masked to 0): every row is multiplied by its own
-expert's weights exactly once. Sorted rows are contiguous per expert, so a block straddles
+expert's weights exactly once. _block_rows (which rows, which experts) and _grouped_dot (that
+loop) serve every row-block kernel, here and in moe_triton_bwd.py; launch_row_blocks sizes their
+grids. Sorted rows are contiguous per expert, so a block straddles
 1 + (expert boundaries inside it) experts — usually one or two. Dropped slots (sorted_expert = E)
 match no expert: they are never loaded, computed or added.
 
@@ -34,21 +36,6 @@ kernels agree with the reference to rounding; h, a are rounded to x.dtype like t
 
 import triton
 import triton.language as tl
-
-
-@triton.jit
-def _expert_dot(acc, a_ptr, a_rows, stride_am, stride_ak, row_mask, b_ptr, stride_bk, stride_bn, cols, col_ok,
-                K, BLOCK_K: tl.constexpr):
-    """acc (BM, BN) += A[a_rows, :K] @ B[:K, cols], A rows outside row_mask read as 0."""
-    for k0 in range(0, K, BLOCK_K):
-        ks = k0 + tl.arange(0, BLOCK_K)  # (BK,)
-        k_ok = ks < K
-        a = tl.load(a_ptr + a_rows[:, None] * stride_am + ks[None, :] * stride_ak,
-                    mask=row_mask[:, None] & k_ok[None, :], other=0.0)  # (BM, BK)
-        b = tl.load(b_ptr + ks[:, None] * stride_bk + cols[None, :] * stride_bn,
-                    mask=k_ok[:, None] & col_ok[None, :], other=0.0)  # (BK, BN)
-        acc = tl.dot(a, b, acc, input_precision="ieee")
-    return acc
 
 
 # --8<-- [start:block_rows]
@@ -66,6 +53,27 @@ def _block_rows(order_ptr, sorted_expert_ptr, N, k, E, BLOCK_M: tl.constexpr):
 # --8<-- [end:block_rows]
 
 
+# --8<-- [start:grouped_dot]
+@triton.jit
+def _grouped_dot(acc, a_ptr, a_rows, stride_am, stride_ak, expert, e_first, e_last,
+                 w_ptr, stride_we, stride_wk, stride_wn, cols, col_ok, K, BLOCK_K: tl.constexpr):
+    """acc (BM, BN) += A[a_rows[i], :K] @ W_e[:K, cols] for each row i, e = expert[i]: one pass per
+    expert of the block, loading only that expert's rows (the others read as 0; dropped rows match
+    no pass). W_e[kk, n] = w_ptr[e * stride_we + kk * stride_wk + n * stride_wn]."""
+    for e in range(e_first, e_last + 1):  # the experts of this block's rows, usually one
+        in_e = expert == e  # (BM,)
+        for k0 in range(0, K, BLOCK_K):
+            ks = k0 + tl.arange(0, BLOCK_K)  # (BK,)
+            k_ok = ks < K
+            a = tl.load(a_ptr + a_rows[:, None] * stride_am + ks[None, :] * stride_ak,
+                        mask=in_e[:, None] & k_ok[None, :], other=0.0)  # (BM, BK)
+            b = tl.load(w_ptr + e * stride_we + ks[:, None] * stride_wk + cols[None, :] * stride_wn,
+                        mask=k_ok[:, None] & col_ok[None, :], other=0.0)  # (BK, BN)
+            acc = tl.dot(a, b, acc, input_precision="ieee")
+    return acc
+# --8<-- [end:grouped_dot]
+
+
 # --8<-- [start:expert_up_kernel]
 @triton.jit
 def _expert_up_kernel(
@@ -78,17 +86,14 @@ def _expert_up_kernel(
     rows, kept, expert, slot, token, e_first, e_last = _block_rows(order_ptr, sorted_expert_ptr, N, k, E, BLOCK_M)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)  # (BN,) hidden units j < f
     col_ok = cols < f
+    # x[token] @ w1[e, j, :].T: B[kk, j] = w1[e, j, kk], the gather happens in the A load
     acc_gate = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)  # h[:, j]      (relu: the only half)
+    acc_gate = _grouped_dot(acc_gate, x_ptr, token, stride_xt, stride_xd, expert, e_first, e_last,
+                            w1_ptr, stride_we, stride_wd, stride_wr, cols, col_ok, d, BLOCK_K)
     acc_up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)  # h[:, f + j]  (gated only)
-    for e in range(e_first, e_last + 1):  # the experts of this block's rows, usually one
-        in_e = expert == e
-        w = w1_ptr + e * stride_we
-        # x[token] @ w1[e, j, :].T: B[kk, j] = w1[e, j, kk], the gather happens in the A load
-        acc_gate = _expert_dot(acc_gate, x_ptr, token, stride_xt, stride_xd, in_e, w, stride_wd, stride_wr,
-                               cols, col_ok, d, BLOCK_K)
-        if act != 2:
-            acc_up = _expert_dot(acc_up, x_ptr, token, stride_xt, stride_xd, in_e, w + f * stride_wr, stride_wd,
-                                 stride_wr, cols, col_ok, d, BLOCK_K)
+    if act != 2:
+        acc_up = _grouped_dot(acc_up, x_ptr, token, stride_xt, stride_xd, expert, e_first, e_last,
+                              w1_ptr + f * stride_wr, stride_we, stride_wd, stride_wr, cols, col_ok, d, BLOCK_K)
 
     # epilogue: round h to the activations' dtype (as the reference's x @ w1.T), apply act, store both
     dtype = h_ptr.dtype.element_ty
@@ -122,9 +127,8 @@ def _expert_down_kernel(
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)  # (BN,) output features
     col_ok = cols < n_out
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for e in range(e_first, e_last + 1):
-        acc = _expert_dot(acc, a_ptr, rows, stride_am, stride_ak, expert == e, w_ptr + e * stride_we,
-                          stride_wk, stride_wn, cols, col_ok, K, BLOCK_K)
+    acc = _grouped_dot(acc, a_ptr, rows, stride_am, stride_ak, expert, e_first, e_last,
+                       w_ptr, stride_we, stride_wk, stride_wn, cols, col_ok, K, BLOCK_K)
 
     # epilogue: y rounded like the reference's a @ w2.T, times the slot's gate, scatter-added to its token
     y = acc.to(a_ptr.dtype.element_ty).to(tl.float32)
@@ -136,6 +140,7 @@ def _expert_down_kernel(
 
 
 BLOCK_N, BLOCK_K = 64, 32
+NUM_WARPS = 4
 
 
 def block_m(n_slots):
@@ -143,26 +148,27 @@ def block_m(n_slots):
     return 16 if n_slots <= 64 else 64
 
 
+def launch_row_blocks(kernel, N, n_cols, *args):
+    """kernel[grid](*args) for a kernel over sorted rows: grid (blocks of BLOCK_M rows, blocks of BLOCK_N columns)."""
+    BM = block_m(N)
+    grid = (triton.cdiv(N, BM), triton.cdiv(n_cols, BLOCK_N))
+    kernel[grid](*args, BLOCK_M=BM, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, num_warps=NUM_WARPS)
+
+
 def launch_up(x, w1, h, a, order, sorted_expert, k, act):
     """h, a = x[token] @ w1[e].T, act(...)  (sorted rows)."""
     N, f = a.shape
     E, _, d = w1.shape
-    BM = block_m(N)
-    grid = (triton.cdiv(N, BM), triton.cdiv(f, BLOCK_N))
-    _expert_up_kernel[grid](x, w1, h, a, order, sorted_expert, N, d, f, k, E, act,
-                            x.stride(0), x.stride(1), w1.stride(0), w1.stride(1), w1.stride(2),
-                            h.stride(0), a.stride(0), BLOCK_M=BM, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, num_warps=4)
+    launch_row_blocks(_expert_up_kernel, N, f, x, w1, h, a, order, sorted_expert, N, d, f, k, E, act,
+                      x.stride(0), x.stride(1), w1.stride(0), w1.stride(1), w1.stride(2), h.stride(0), a.stride(0))
 
 
 def launch_down(a, w, w_strides, out, gates, order, sorted_expert, k, has_gate):
     """out[token] += gate * a @ B_e with B_e[kk, n] given by w_strides = (e, kk, n) strides of w."""
     N, K = a.shape
     E, n_out = w.shape[0], out.shape[1]
-    BM = block_m(N)
-    grid = (triton.cdiv(N, BM), triton.cdiv(n_out, BLOCK_N))
-    _expert_down_kernel[grid](a, w, out, gates, order, sorted_expert, N, K, n_out, k, E, int(has_gate),
-                              a.stride(0), a.stride(1), *w_strides, out.stride(0), out.stride(1),
-                              BLOCK_M=BM, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, num_warps=4)
+    launch_row_blocks(_expert_down_kernel, N, n_out, a, w, out, gates, order, sorted_expert, N, K, n_out, k, E,
+                      int(has_gate), a.stride(0), a.stride(1), *w_strides, out.stride(0), out.stride(1))
 
 
 def aot_specs():

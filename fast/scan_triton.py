@@ -43,7 +43,8 @@ import triton
 import triton.language as tl
 
 from .scan_triton_bwd import scan_backward
-from .scan_triton_chunk import BLOCK_D_FWD, BLOCK_L, NUM_WARPS, _chunk_states, _load_chunk, block_sizes
+from .scan_triton_chunk import (BLOCK_D_FWD, BLOCK_L, NUM_WARPS, _channel_block, _chunk_states, _load_chunk,
+                                _load_params, block_sizes)
 
 
 # --8<-- [start:scan_fwd_kernel]
@@ -57,20 +58,9 @@ def _scan_fwd_kernel(
     BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_L: tl.constexpr,
 ):
     pid_b = tl.program_id(0)
-    offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)  # (BLOCK_D,)
-    offs_n = tl.arange(0, BLOCK_N)  # (BLOCK_N,)
+    offs_d, mask_d, offs_n, dn, mask_dn = _channel_block(Dm, N, BLOCK_D, BLOCK_N)  # (BLOCK_D,), (BLOCK_D, BLOCK_N)
     offs_l = tl.arange(0, BLOCK_L)  # (BLOCK_L,)
-    mask_d = offs_d < Dm
-    mask_dn = mask_d[:, None] & (offs_n[None, :] < N)
-    dn = offs_d[:, None] * N + offs_n[None, :]  # (BLOCK_D, BLOCK_N) offsets in a (d, n) matrix
-
-    A = tl.load(A_ptr + dn, mask=mask_dn, other=0.0)  # (BLOCK_D, BLOCK_N)
-    bias = tl.zeros([BLOCK_D], dtype=tl.float32)
-    if HAS_BIAS:
-        bias = tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0)
-    Dv = tl.zeros([BLOCK_D], dtype=tl.float32)
-    if HAS_D:
-        Dv = tl.load(D_ptr + offs_d, mask=mask_d, other=0.0)
+    A, Dv, bias = _load_params(A_ptr, D_ptr, bias_ptr, offs_d, mask_d, dn, mask_dn, HAS_D, HAS_BIAS, BLOCK_D)
     h = tl.zeros([BLOCK_D, BLOCK_N], dtype=tl.float32)  # h_{-1}
     if HAS_H0:
         h = tl.load(h0_ptr + pid_b * Dm * N + dn, mask=mask_dn, other=0.0)

@@ -35,7 +35,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .scan_triton_chunk import BLOCK_L, NUM_WARPS, _chunk_states, _combine, _load_chunk, _softplus, block_sizes
+from .scan_triton_chunk import (BLOCK_L, NUM_WARPS, _channel_block, _chunk_states, _combine, _load_chunk,
+                                _load_delta, _load_params, block_sizes)
 
 BLOCK_D_BWD = 16  # more live (BLOCK_D, BLOCK_N, BLOCK_L) tiles than the forward. Not tuned on a GPU yet.
 
@@ -52,27 +53,15 @@ def _scan_bwd_kernel(
     BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_L: tl.constexpr,
 ):
     pid_b = tl.program_id(0)
-    pid_d = tl.program_id(1)
-    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
-    offs_n = tl.arange(0, BLOCK_N)
+    offs_d, mask_d, offs_n, dn, mask_dn = _channel_block(Dm, N, BLOCK_D, BLOCK_N)  # (BLOCK_D,), (BLOCK_D, BLOCK_N)
     offs_l = tl.arange(0, BLOCK_L)
-    mask_d = offs_d < Dm
-    mask_dn = mask_d[:, None] & (offs_n[None, :] < N)
-    dn = offs_d[:, None] * N + offs_n[None, :]
-
-    A = tl.load(A_ptr + dn, mask=mask_dn, other=0.0)  # (BLOCK_D, BLOCK_N)
-    bias = tl.zeros([BLOCK_D], dtype=tl.float32)
-    if HAS_BIAS:
-        bias = tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0)
-    Dv = tl.zeros([BLOCK_D], dtype=tl.float32)
-    if HAS_D:
-        Dv = tl.load(D_ptr + offs_d, mask=mask_d, other=0.0)
+    A, Dv, bias = _load_params(A_ptr, D_ptr, bias_ptr, offs_d, mask_d, dn, mask_dn, HAS_D, HAS_BIAS, BLOCK_D)
     carry = tl.zeros([BLOCK_D, BLOCK_N], dtype=tl.float32)
     if HAS_GLAST:
         carry = tl.load(g_last_ptr + pid_b * Dm * N + dn, mask=mask_dn, other=0.0)
     gA = tl.zeros([BLOCK_D, BLOCK_N], dtype=tl.float32)
     gD = tl.zeros([BLOCK_D], dtype=tl.float32)
-    part = (pid_d * batch + pid_b) * N * L  # this program's slice of the gB / gC partials
+    part = (tl.program_id(1) * batch + pid_b) * N * L  # this program's slice of the gB / gC partials
 
     for i in range(0, n_chunks):
         c = n_chunks - 1 - i  # chunks in reverse
@@ -97,15 +86,9 @@ def _scan_bwd_kernel(
         tl.store(gC_part_ptr + part + nl - pid_b * N * L, tl.sum(hs * gy[:, None, :], axis=0), mask=mask_nl)
 
         # gh: reverse scan of g -> dA_{t+1} g + gy_t C_t, entered by the carry at the last column.
-        t_next = t + 1
-        mask_next = (offs_d[:, None] < Dm) & (t_next[None, :] < L) & (offs_l[None, :] < BLOCK_L - 1)
-        dt_next = tl.load(delta_ptr + pid_b * Dm * L + offs_d[:, None] * L + t_next[None, :], mask=mask_next,
-                          other=0.0).to(tl.float32)
-        if HAS_BIAS:
-            dt_next += bias[:, None]
-        if SOFTPLUS:
-            dt_next = _softplus(dt_next)
-        dt_next = tl.where(mask_next, dt_next, 0.0)  # a = 1 where the carry enters, or past the end
+        mask_next = mask_d[:, None] & (t[None, :] + 1 < L) & (offs_l[None, :] < BLOCK_L - 1)
+        _, dt_next = _load_delta(delta_ptr, dl + 1, mask_next, bias, HAS_BIAS, SOFTPLUS)  # Δ_{t+1}, 0 off the mask:
+        # a = 1 where the carry enters, or past the end
         a = tl.exp(dt_next[:, None, :] * A[:, :, None])  # (BLOCK_D, BLOCK_N, BLOCK_L)
         x = gy[:, None, :] * Ct[None, :, :]  # (BLOCK_D, BLOCK_N, BLOCK_L)
         a_cum, x_cum = tl.associative_scan((a, x), axis=2, combine_fn=_combine, reverse=True)

@@ -2,8 +2,11 @@
 
 ``fast/scan_triton.py`` (the forward and the autograd Function) and ``fast/scan_triton_bwd.py`` (the
 backward) both import from here, so neither imports the other's module back; the decode step
-(``fast/state_update_triton.py``) takes ``_softplus`` from here too. The chunked scan these helpers
-serve is explained at the top of ``fast/scan_triton.py``.
+(``fast/state_update_triton.py``) takes ``_softplus`` and ``_channel_block`` from here too. The
+chunked scan these helpers serve is explained at the top of ``fast/scan_triton.py``.
+
+A kernel's program starts with ``_channel_block`` (which channels it owns) and ``_load_params``
+(their A, D, bias), then per chunk ``_load_chunk`` (the chunk's u, Δ, B, C) and ``_chunk_states``.
 """
 
 import triton
@@ -34,6 +37,43 @@ def _softplus(x):
 
 
 @triton.jit
+def _channel_block(Dm, N, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
+    """This program's channels: offs_d, mask_d (BLOCK_D,); offs_n (BLOCK_N,); dn, mask_dn (BLOCK_D, BLOCK_N)."""
+    offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)  # (BLOCK_D,)
+    offs_n = tl.arange(0, BLOCK_N)  # (BLOCK_N,)
+    mask_d = offs_d < Dm
+    mask_dn = mask_d[:, None] & (offs_n[None, :] < N)
+    dn = offs_d[:, None] * N + offs_n[None, :]  # (BLOCK_D, BLOCK_N) offsets in a (d, n) matrix
+    return offs_d, mask_d, offs_n, dn, mask_dn
+
+
+@triton.jit
+def _load_params(A_ptr, D_ptr, bias_ptr, offs_d, mask_d, dn, mask_dn,
+                 HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_D: tl.constexpr):
+    """The channel block's parameters in fp32: A (BLOCK_D, BLOCK_N); D, delta_bias (BLOCK_D,), 0 if absent."""
+    A = tl.load(A_ptr + dn, mask=mask_dn, other=0.0)
+    Dv = tl.zeros([BLOCK_D], dtype=tl.float32)
+    if HAS_D:
+        Dv = tl.load(D_ptr + offs_d, mask=mask_d, other=0.0)
+    bias = tl.zeros([BLOCK_D], dtype=tl.float32)
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0)
+    return A, Dv, bias
+
+
+@triton.jit
+def _load_delta(delta_ptr, dl, mask_dl, bias, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):
+    """Δ at offsets dl (BLOCK_D, BLOCK_L) in fp32: dt_raw = Δ + bias, and dt = softplus(dt_raw), 0 off mask_dl."""
+    dt_raw = tl.load(delta_ptr + dl, mask=mask_dl, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        dt_raw += bias[:, None]
+    dt = dt_raw
+    if SOFTPLUS:
+        dt = _softplus(dt_raw)
+    return dt_raw, tl.where(mask_dl, dt, 0.0)  # padding: dA = 1, dBu = 0
+
+
+@triton.jit
 def _load_chunk(u_ptr, delta_ptr, B_ptr, C_ptr, bias, pid_b, offs_d, offs_n, t, Dm, L, N,
                 HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):
     """One chunk's inputs in fp32: u, Δ (processed; 0 past the end) (BLOCK_D, BLOCK_L); B, C (BLOCK_N, BLOCK_L)."""
@@ -42,13 +82,7 @@ def _load_chunk(u_ptr, delta_ptr, B_ptr, C_ptr, bias, pid_b, offs_d, offs_n, t, 
     dl = pid_b * Dm * L + offs_d[:, None] * L + t[None, :]  # (b, d, l) contiguous
     nl = pid_b * N * L + offs_n[:, None] * L + t[None, :]  # (b, n, l) contiguous
     u = tl.load(u_ptr + dl, mask=mask_dl, other=0.0).to(tl.float32)
-    dt_raw = tl.load(delta_ptr + dl, mask=mask_dl, other=0.0).to(tl.float32)
-    if HAS_BIAS:
-        dt_raw += bias[:, None]
-    dt = dt_raw
-    if SOFTPLUS:
-        dt = _softplus(dt_raw)
-    dt = tl.where(mask_dl, dt, 0.0)  # padding: dA = 1, dBu = 0
+    dt_raw, dt = _load_delta(delta_ptr, dl, mask_dl, bias, HAS_BIAS, SOFTPLUS)
     Bt = tl.load(B_ptr + nl, mask=mask_nl, other=0.0).to(tl.float32)
     Ct = tl.load(C_ptr + nl, mask=mask_nl, other=0.0).to(tl.float32)
     return u, dt_raw, dt, Bt, Ct, dl, mask_dl, nl, mask_nl

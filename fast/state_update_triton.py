@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .scan_triton_chunk import _softplus
+from .scan_triton_chunk import _channel_block, _softplus
 
 BLOCK_D_STEP = 32
 NUM_WARPS = 4
@@ -30,12 +30,8 @@ def _state_update_kernel(
     BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid_b = tl.program_id(0)
-    offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)  # (BLOCK_D,)
-    offs_n = tl.arange(0, BLOCK_N)  # (BLOCK_N,)
-    mask_d = offs_d < Dm
+    offs_d, mask_d, offs_n, dn, mask_dn = _channel_block(Dm, N, BLOCK_D, BLOCK_N)  # (BLOCK_D,), (BLOCK_D, BLOCK_N)
     mask_n = offs_n < N
-    mask_dn = mask_d[:, None] & mask_n[None, :]
-    dn = offs_d[:, None] * N + offs_n[None, :]
     bd = pid_b * Dm + offs_d  # offsets in (b, d)
 
     h = tl.load(state_ptr + pid_b * Dm * N + dn, mask=mask_dn, other=0.0)  # (BLOCK_D, BLOCK_N) fp32
