@@ -290,3 +290,27 @@ def test_sample_py_with_a_smaller_tokenizer_a_plain_terminal_and_a_closed_pipe(c
     p.stdout.close()
     err = p.stderr.read().decode()
     assert p.wait(timeout=180) == 0 and err == "", err  # was: sample.py: error: BrokenPipeError
+
+
+def test_sample_py_stops_at_the_end_of_text_token(ckpts, tmp_path, monkeypatch, capsys):
+    """The loop stops at the tokenizer's end-of-text token and does not print it (a model that emits it on
+    cue stands in for a trained one: generate_tokens is replaced)."""
+    ranks = "/work/shared/data/gpt2.tiktoken"
+    if not os.path.isfile(ranks):
+        pytest.skip("no offline GPT-2 ranks file")
+    sys.path.insert(0, ROOT)
+    import sample
+
+    tok = load_tokenizer(ranks)
+    save_model(Model(ModelConfig.from_preset("tiny", vocab_size=tok.vocab_size)), tmp_path / "m", tokenizer=ranks)
+    script = tok.encode(" the end") + [tok.eot_token] + tok.encode(" never shown")
+
+    def fake_generate(model, prompt, max_new, *args, **kwargs):
+        for t in script[:max_new]:
+            yield torch.tensor([t])
+
+    monkeypatch.setattr(sample, "generate_tokens", fake_generate)
+    sample.main([str(tmp_path / "m"), "--prompt", "Once", "--max_new_tokens", "50"])
+    out = capsys.readouterr()
+    assert out.out == "Once the end\n", out.out
+    assert f"decode: {len(tok.encode(' the end'))} tokens" in out.err
