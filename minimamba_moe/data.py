@@ -63,7 +63,8 @@ def local_files(path: str) -> list[Path]:
         if files:
             return files
         raise DataError(f"--data={path} is a folder with no files in it.")
-    raise DataError(f"--data={path} does not exist: give a text file or a folder of text files "
+    what = "is neither a file nor a folder" if p.exists() else "does not exist"  # e.g. /dev/null, a pipe
+    raise DataError(f"--data={path} {what}: give a text file or a folder of text files "
                     "(or leave --data out to train on the Python standard library's sources).")
 
 

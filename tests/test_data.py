@@ -71,6 +71,13 @@ def test_a_local_file_datasets_cannot_read_is_one_line_with_the_cause(tmp_path, 
     assert not logged, f"datasets' own logging is a second error line: {logged}"
 
 
+def test_a_data_path_that_is_a_device_is_not_called_missing(tmp_path):
+    with pytest.raises(DataError, match="is neither a file nor a folder"):
+        prepare(tmp_path, data=os.devnull)
+    with pytest.raises(DataError, match="does not exist"):
+        prepare(tmp_path, data=str(tmp_path / "nowhere.txt"))
+
+
 # --- the validation split --------------------------------------------------------------------------------
 def test_a_tiny_validation_split_says_which_setting_makes_it(tmp_path):
     corpus = tmp_path / "many"
