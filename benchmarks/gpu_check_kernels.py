@@ -1,7 +1,9 @@
 """The correctness sections of gpu_check.py: every Triton kernel and the whole model, fast vs reference.
 
-Each ``section_<name>(ctx)`` runs in its own subprocess (see gpu_check.py) and reports one row per
-check through ``ctx.check``. Tolerances are the test suite's; see gpu_check.py's docstring.
+Each ``section_<name>(ctx)`` yields its plan: a ``Check`` per check, and rows for what it skips. Nothing
+runs while the plan is built (the driver lists every check before any runs); the section's
+subprocess then runs the checks in order (``Ctx.run``, gpu_check.py), one row each. Tolerances are
+the test suite's; see gpu_check.py's docstring.
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ import math
 import os
 import sys
 
-from gpu_check import MIN_VERSIONS, REPO, below_minimum, row
+from gpu_check import MIN_VERSIONS, REPO, below_minimum, check, row, version_tuple
 
 
 def tol_ratio(actual, expected, atol, rtol):
@@ -55,6 +57,23 @@ def scan_inputs(seed, b, d, n, l, h0=False, device="cpu"):
     return dict(u=randn(b, d, l), delta=0.5 * randn(b, d, l), A=-torch.arange(1, n + 1.0, **f64).repeat(d, 1),
                 B=randn(b, n, l), C=randn(b, n, l), D=randn(d), z=randn(b, d, l),
                 delta_bias=dt + torch.log(-torch.expm1(-dt)), initial_state=randn(b, d, n) if h0 else None)
+
+
+def ieee_fp32():
+    """fp32 matmuls and cuDNN convolutions in full fp32, no TF32. torch 2.11 defaults cuDNN convolutions to
+    TF32 (torch.backends.cudnn.conv.fp32_precision == "tf32"), which would round the fast backend's
+    causal conv (F.conv1d) to 10-bit mantissas while the reference sums its taps in fp32. The legacy
+    flags are used on purpose: torch 2.6 has no other, and in 2.11-2.13 setting the new per-op
+    fp32_precision makes any later read of torch.backends.cudnn.allow_tf32 raise ("a mix of the
+    legacy and new APIs"), while setting the legacy flags updates the new ones (conv becomes "none")."""
+    import warnings
+
+    import torch
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # 2.9+: "Please use the new API settings to control TF32 behavior"
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
 
 
 PARAMS = ("A", "D", "delta_bias", "initial_state")
@@ -105,14 +124,21 @@ def section_env(ctx):
             p = torch.cuda.get_device_properties(0)
             m.update(device=p.name, capability=f"sm_{p.major}{p.minor}", memory_gib=round(p.total_memory / 2**30, 1))
         m["triton_interpret"] = os.environ.get("TRITON_INTERPRET", "0")
+        import numpy
+
+        m["numpy"] = numpy.__version__
+        interpreted = m["triton_interpret"] not in ("", "0")
+        old_interpreter = not m["triton"].startswith("missing") and version_tuple(m["triton"]) < (3, 7)
+        if interpreted and old_interpreter and version_tuple(numpy.__version__) >= (2, 4):  # (a GPU never interprets)
+            m["interpreter"] = "fails: Triton 3.6's interpreter needs numpy < 2.4 (pip install 'numpy<2.4')"
         m["grouped_mm"] = hasattr(torch, "_grouped_mm") or hasattr(torch.nn.functional, "grouped_mm")
         old = [f"{p} {v} < {MIN_VERSIONS[p]}" for p, v in (("torch", torch.__version__), ("triton", m["triton"]))
                if not v.startswith("missing") and below_minimum(p, v)]
         m["below_minimum"] = ", ".join(old) or "none"
-        m["ok"] = m["from_checkout"] and not old
+        m["ok"] = m["from_checkout"] and not old and "interpreter" not in m
         return m
 
-    ctx.check("versions and device", env)
+    yield check("versions and device", env)
 
 
 def section_scan(ctx):
@@ -141,9 +167,9 @@ def section_scan(ctx):
         for b, d, l, h0, block in shapes:
             name = f"fwd+bwd {str(dtype)[6:]} b={b} d_inner={d} l={l}" + (" h0" if h0 else "")
             if dtype == torch.bfloat16 and not ctx.cuda:
-                ctx.emit(row("scan", name, "skip", reason="bf16 kernels need a GPU (the interpreter runs fp32)"))
+                yield row("scan", name, "skip", reason="bf16 kernels need a GPU (the interpreter runs fp32)")
                 continue
-            ctx.check(name, run, b, d, l, dtype, h0, block=block)
+            yield check(name, run, b, d, l, dtype, h0, block=block)
 
 
 def section_step(ctx):
@@ -168,9 +194,9 @@ def section_step(ctx):
         for b, d in [(2, 40)] + ([] if ctx.quick else [(1, 2304), (8, 2944)]):
             name = f"step {str(dtype)[6:]} b={b} d_inner={d}"
             if dtype == torch.bfloat16 and not ctx.cuda:
-                ctx.emit(row("step", name, "skip", reason="bf16 kernels need a GPU (the interpreter runs fp32)"))
+                yield row("step", name, "skip", reason="bf16 kernels need a GPU (the interpreter runs fp32)")
                 continue
-            ctx.check(name, run, b, d, dtype)
+            yield check(name, run, b, d, dtype)
 
 
 def moe_case(seed, T, d, f, E, k, activation, device, dtype, drop=False):
@@ -207,9 +233,8 @@ def section_moe(ctx):
     from minimamba_moe import reference
     from minimamba_moe.fast.moe_triton import moe_experts_triton
 
-    torch.backends.cuda.matmul.allow_tf32 = False  # the fp32 reference in true fp32
-
     def run(T, d, f, E, k, act, dtype, drop):
+        ieee_fp32()  # the fp32 reference in true fp32
         x, idx, gates, w1, w2 = moe_case(0, T, d, f, E, k, act, ctx.device, dtype, drop)
         dout = torch.randn(x.shape, generator=torch.Generator().manual_seed(1)).to(ctx.device, dtype)
         got = moe_grads(moe_experts_triton, x, idx, gates, w1, w2, act, dout)
@@ -231,9 +256,9 @@ def section_moe(ctx):
         for label, T, d, f, E, k, act, drop in cases:
             name = f"fwd+bwd {str(dtype)[6:]} {label}: T={T} d={d} f={f} E={E} top-{k} {act}"
             if dtype == torch.bfloat16 and not ctx.cuda:
-                ctx.emit(row("moe", name, "skip", reason="bf16 kernels need a GPU (the interpreter runs fp32)"))
+                yield row("moe", name, "skip", reason="bf16 kernels need a GPU (the interpreter runs fp32)")
                 continue
-            ctx.check(name, run, T, d, f, E, k, act, dtype, drop)
+            yield check(name, run, T, d, f, E, k, act, dtype, drop)
 
 
 def section_sinkhorn(ctx):
@@ -265,9 +290,9 @@ def section_sinkhorn(ctx):
         for T, E, sigma, init, stopping in cases:
             name = f"{str(dtype)[6:]} logits T={T} E={E} {init}/{stopping}"
             if dtype == torch.bfloat16 and not ctx.cuda:
-                ctx.emit(row("sinkhorn", name, "skip", reason="bf16 kernels need a GPU (the interpreter runs fp32)"))
+                yield row("sinkhorn", name, "skip", reason="bf16 kernels need a GPU (the interpreter runs fp32)")
                 continue
-            ctx.check(name, run, T, E, sigma, init, stopping, dtype)
+            yield check(name, run, T, E, sigma, init, stopping, dtype)
 
 
 SMALL = dict(vocab_size=50, pad_vocab_size_multiple=16, d_model=32, n_layer=4, d_expert=24, max_seq_len=64)
@@ -282,9 +307,8 @@ def section_model(ctx):
 
     from minimamba_moe import Model, ModelConfig
 
-    torch.backends.cuda.matmul.allow_tf32 = False
-
     def build(preset, overrides, seed=0):
+        ieee_fp32()  # fast and reference in true fp32: matmuls and the fast causal conv's cuDNN call
         torch.manual_seed(seed)
         model = Model(ModelConfig.from_preset(preset, **overrides, backend="reference")).to(ctx.device).eval()
         with torch.no_grad():  # random, not freshly initialised, weights (as tests/test_model.py)
@@ -324,12 +348,17 @@ def section_model(ctx):
         return compare([("prefill+step logits", torch.cat([pre, rest], 1), full)], 1e-4, 1e-4)  # test_model.py STEP_*
 
     for family, (preset, extra) in FAMILIES.items():
-        ctx.check(f"{family} small fp32: fast vs reference, logits + grads", backends, preset, {**SMALL, **extra}, 2, 10)
-        ctx.check(f"{family} small: prefill + step == forward (fast)", step_equals_forward, preset, {**SMALL, **extra}, 9)
+        yield check(f"{family} small fp32: fast vs reference, logits + grads",
+                    backends, preset, {**SMALL, **extra}, 2, 10)
+        yield check(f"{family} small: prefill + step == forward (fast)",
+                    step_equals_forward, preset, {**SMALL, **extra}, 9)
     if ctx.cuda:
-        ctx.check("blackmamba small bf16 autocast: fast vs reference", backends, "tiny", SMALL, 2, 10, True)
+        yield check("blackmamba small bf16 autocast: fast vs reference", backends, "tiny", SMALL, 2, 10, True)
     if not ctx.quick:
         big = dict(n_layer=2, vocab_size=4096)
-        ctx.check("blackmamba-1.5b 2 layers fp32 b=1 l=512: fast vs reference", backends, "blackmamba-1.5b", big, 1, 512)
-        ctx.check("blackmamba-1.5b 2 layers: prefill + step == forward", step_equals_forward, "blackmamba-1.5b", big, 32)
-        ctx.check("moe-mamba-100m 2 layers fp32 b=1 l=512: fast vs reference", backends, "moe-mamba-100m", big, 1, 512)
+        yield check("blackmamba-1.5b 2 layers fp32 b=1 l=512: fast vs reference",
+                    backends, "blackmamba-1.5b", big, 1, 512)
+        yield check("blackmamba-1.5b 2 layers: prefill + step == forward",
+                    step_equals_forward, "blackmamba-1.5b", big, 32)
+        yield check("moe-mamba-100m 2 layers fp32 b=1 l=512: fast vs reference",
+                    backends, "moe-mamba-100m", big, 1, 512)

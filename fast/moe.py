@@ -54,8 +54,24 @@ def moe_experts(x, expert_idx, gates, w1, w2, activation="swiglu"):
     if x.is_cuda and x.dtype != torch.float64 and moe_experts_triton is not None:
         # The range check would read the indices back to the host (a sync per layer): on the GPU it
         # is skipped, and an index outside [0, E) is treated like -1 (dropped) by the kernels.
-        return moe_experts_triton(x, expert_idx, gates, w1, w2, activation)
+        return _triton_under_autocast(x, expert_idx, gates, w1, w2, activation)
     check_expert_range(expert_idx, E)
     if torch.is_grad_enabled() and any(t.requires_grad for t in (x, gates, w1, w2)):
         return MoEExpertsCPU.apply(x, expert_idx, gates, w1, w2, activation)
     return moe_experts_no_grad(x, expert_idx, gates, w1, w2, activation)
+
+
+def _triton_under_autocast(x, expert_idx, gates, w1, w2, activation):
+    """moe_experts_triton, its operands cast as autocast casts a matmul's when autocast is on for x's device.
+
+    Under train.py's bf16 autocast the residual stream, hence x, and the expert weights are fp32;
+    autocast cannot see inside the Triton kernels, so without this cast they would run fp32 dots
+    (no tensor cores) while the reference's matmuls run in bf16. The casts are differentiable: fp32
+    weights get fp32 gradients. The output comes back in x's dtype, as the reference's does.
+    """
+    device = x.device.type
+    if torch.is_autocast_enabled(device):
+        low = torch.get_autocast_dtype(device)
+        out = moe_experts_triton(x.to(low), expert_idx, gates, w1.to(low), w2.to(low), activation)
+        return out.to(x.dtype)
+    return moe_experts_triton(x, expert_idx, gates, w1, w2, activation)
