@@ -21,16 +21,17 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 import time
 
 import torch
 
-from minimamba_moe.checkpoint import (DEFAULT_OUT_DIR, CheckpointError, load_model, read_config, recover_interrupted_save,
-                                      save_model)
+from minimamba_moe.checkpoint import DEFAULT_OUT_DIR, CheckpointError, load_model, read_config, recover_interrupted_save
 from minimamba_moe.cli import MAX_THREADS, run_main, set_threads
 from minimamba_moe.config import BACKENDS, ConfigError
-from minimamba_moe.convert import ACTIVATIONS, DEFAULT_ACTIVATION, load_zyphra, stored_tokenizer_spec
+from minimamba_moe.convert import (ACTIVATIONS, DEFAULT_ACTIVATION, check_out_dir, load_zyphra, save_converted,
+                                   stored_tokenizer_spec)
 from minimamba_moe.generate import StreamDecoder, generate_tokens
 from minimamba_moe.memory import MemoryCheckError, check_fits, inference_memory
 from minimamba_moe.tokenizer import TokenizerError, load_tokenizer
@@ -127,13 +128,15 @@ def load(args, device, dtype):
     if args.zyphra:
         if not args.tokenizer:
             raise UsageError("--zyphra needs --tokenizer PATH/tokenizer.json (GPT-NeoX's, from EleutherAI/gpt-neox-20b).")
+        if args.save_converted:
+            check_out_dir(args.save_converted)  # before the minutes spent reading the weights
         tok = load_tokenizer(args.tokenizer)
         model = load_zyphra(args.zyphra, args.activation, tok, dtype).to(device)
         n = model.count_params()
         print(f"{args.zyphra}: BlackMamba preset {model.config.name}, {model.config.mlp_activation} experts, "
               f"{n.total / 1e6:.1f}M params ({n.active / 1e6:.1f}M active)", file=sys.stderr)
         if args.save_converted:
-            save_model(model, args.save_converted, tokenizer=stored_tokenizer_spec(args.tokenizer))
+            save_converted(model, args.save_converted, tokenizer=stored_tokenizer_spec(args.tokenizer))
             print(f"saved the converted checkpoint to {args.save_converted}", file=sys.stderr)
     else:
         recover_interrupted_save(args.ckpt)  # before anything reads the folder
@@ -195,6 +198,8 @@ def main(argv=None) -> None:
     set_threads(args.threads, device, model.count_params().total)  # the policy train.py follows too
 
     text = read_prompt(args)
+    if hasattr(sys.stdout, "reconfigure"):  # a terminal that cannot show a character gets "?", not an error
+        sys.stdout.reconfigure(errors="replace")
     ids = tok.encode(text)
     if not ids:  # start from end-of-text, or a newline for the byte tokenizer
         ids = [tok.eot_token] if tok.eot_token is not None else tok.encode("\n")
@@ -214,7 +219,7 @@ def main(argv=None) -> None:
                 print("\n" + "-" * 40, flush=True)
             print(text, end="", flush=True)
             tokens = generate_tokens(model, prompt, max_new, args.temperature, args.top_k or None,
-                                     args.top_p if args.top_p < 1 else None, gen)
+                                     args.top_p if args.top_p < 1 else None, gen, vocab_size=tok.vocab_size)
             stream = StreamDecoder(tok)
             for i in range(max_new):
                 sync()
@@ -234,6 +239,9 @@ def main(argv=None) -> None:
             print(stream.flush(), flush=True)
     except KeyboardInterrupt:
         print(file=sys.stderr)
+    except BrokenPipeError:  # the reader stopped (`python sample.py | head`): stop too, quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit's flush
+        return
     rate = lambda n, s: f"{n / s:.1f} tokens/s" if s > 0 else "n/a"  # noqa: E731
     report = f"prefill: {n_prefill} tokens in {prefill_s:.3f} s ({rate(n_prefill, prefill_s)})"
     report += f" | decode: {n_decode} tokens in {decode_s:.3f} s ({rate(n_decode, decode_s)}"

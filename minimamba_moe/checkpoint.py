@@ -139,6 +139,8 @@ def check_finite(tensors: dict[str, torch.Tensor], where: str = "the weights") -
 def read_config(ckpt_dir: str | os.PathLike) -> tuple[ModelConfig, dict]:
     """The ModelConfig and the extra fields stored in a checkpoint folder's config.json."""
     path = Path(ckpt_dir) / CONFIG
+    if Path(ckpt_dir).is_file():  # e.g. the config.json or model.safetensors itself
+        raise CheckpointError(f"{ckpt_dir} is a file: give the checkpoint's folder ({Path(ckpt_dir).parent}).")
     if not path.is_file():
         raise CheckpointError(f"No checkpoint at {ckpt_dir}: {path} does not exist (train one with `python train.py`).")
     try:

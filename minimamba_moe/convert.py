@@ -36,7 +36,10 @@ GELU to the gate half (GeGLU), and that is what the released weights were run wi
 ``activation="geglu"`` is the default here; pass ``"swiglu"`` to run what the paper describes.
 
 The file is read with ``torch.load(weights_only=True)``: nothing but tensors and plain containers
-is unpickled. A file whose keys or shapes do not fit is refused with the differences listed.
+is unpickled (a ``.safetensors`` file of the same keys is read with safetensors). A file whose keys,
+shapes or dtypes do not fit, or that holds a nan or inf, is refused with the differences listed.
+The converted checkpoint goes to a new folder (or one without a checkpoint in it), written all or
+nothing: into a temporary folder first, renamed when complete.
 
     python -m minimamba_moe.convert pytorch_model.bin --tokenizer tokenizer.json --out out-blackmamba
 """
@@ -48,12 +51,18 @@ import difflib
 import os
 import re
 import sys
+import tempfile
+import warnings
+import zipfile
+from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
 
-from .checkpoint import CheckpointError, save_model
+from .checkpoint import CONFIG, TRAIN_STATE, WEIGHTS, CheckpointError, save_model
 from .config import ACTIVATIONS as MODEL_ACTIVATIONS
-from .config import ModelConfig
+from .config import ConfigError, ModelConfig
 from .model import Model
 from .tokenizer import TokenizerError, load_tokenizer
 
@@ -73,24 +82,50 @@ class ConversionError(CheckpointError):
 
 
 def load_zyphra_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Read pytorch_model.bin: ``{"model": state_dict}`` (a bare state dict is accepted too)."""
+    """Read pytorch_model.bin: ``{"model": state_dict}`` (a bare state dict, or a .safetensors file, is accepted too)."""
     if not os.path.isfile(path):
         raise ConversionError(f"No Zyphra checkpoint at {path} (expected the release's pytorch_model.bin).")
+    if _is_safetensors(path):  # read here on any torch (torch.load reads them by name only from 2.13)
+        try:
+            return load_file(path)
+        except (SafetensorError, OSError, ValueError) as e:
+            raise ConversionError(f"{path} is damaged or not a safetensors file ({_first_line(e)}).") from None
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception:
-        try:  # mmap needs the zip format of torch >= 1.6; try once more without it
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        with warnings.catch_warnings():  # e.g. "Detected pickle protocol 4": a second line saying nothing useful
+            warnings.simplefilter("ignore")
+            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+    except Exception as e:
+        if "Weights only load failed" in str(e):  # weights_only=True met something that is not a tensor or container
+            found = re.search(r"GLOBAL (\S+)", str(e))
+            what = f"({found.group(1)})" if found else "(an instruction the safe unpickler refuses)"
             raise ConversionError(
-                f"{path} could not be read as a PyTorch checkpoint of tensors (truncated, damaged, or holding "
-                f"objects that weights_only=True refuses to unpickle): {first}"
+                f"{path} holds Python objects besides tensors {what}, and is not loaded: unpickling them could run "
+                "arbitrary code. Use the release's pytorch_model.bin, or save just the state dict of tensors."
             ) from None
+        with open(path, "rb") as f:
+            head = f.read(2)
+        if head == b"PK" or head[:1] == b"\x80":  # torch.save's zip format, or its older pickle one
+            raise ConversionError(f"{path} is a PyTorch checkpoint that cannot be read (truncated or damaged: "
+                                  f"{_first_line(e)}); download it again.") from None
+        raise ConversionError(f"{path} is not a PyTorch checkpoint (neither torch.save's zip format nor its older "
+                              "pickle format).") from None
     sd = obj.get("model", obj) if isinstance(obj, dict) else None
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise ConversionError(f"{path} does not hold a state dict of tensors (expected {{'model': state_dict}}).")
     return sd
+
+
+def _is_safetensors(path) -> bool:
+    """By name, or by its start: an 8-byte little-endian header length, then the JSON header."""
+    with open(path, "rb") as f:
+        head = f.read(9)
+    return str(path).endswith(".safetensors") or (len(head) == 9 and head[8:] == b"{"
+                                                  and int.from_bytes(head[:8], "little") < 100_000_000)
+
+
+def _first_line(e: BaseException) -> str:
+    lines = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {lines[0]}" if lines else type(e).__name__
 
 
 def _fail(problems: list[str], what: str) -> None:
@@ -98,12 +133,15 @@ def _fail(problems: list[str], what: str) -> None:
     raise ConversionError(f"{what}: {shown}.")
 
 
-def _shape(sd: dict, key: str) -> tuple[int, ...]:
+def _shape(sd: dict, key: str, ndim: int) -> tuple[int, ...]:
     if key not in sd:
         close = difflib.get_close_matches(key, list(sd), n=1, cutoff=0.8)
         hint = f" (the file has {close[0]})" if close else ""
         _fail([f"missing {key}{hint}"], "Not the released BlackMamba layout")
-    return tuple(sd[key].shape)
+    shape = tuple(sd[key].shape)
+    if len(shape) != ndim:
+        _fail([f"{key}: shape {shape} in the file, expected {ndim} dimensions"], "Not the released BlackMamba layout")
+    return shape
 
 
 def infer_config(sd: dict, activation: str = DEFAULT_ACTIVATION, vocab_size: int | None = None) -> ModelConfig:
@@ -115,19 +153,21 @@ def infer_config(sd: dict, activation: str = DEFAULT_ACTIVATION, vocab_size: int
     """
     if activation not in ACTIVATIONS:
         raise ConversionError(f"activation must be one of {', '.join(ACTIVATIONS)}, got {activation!r}.")
-    rows, d = _shape(sd, "embedding.word_embeddings.weight")
+    rows, d = _shape(sd, "embedding.word_embeddings.weight", 2)
     layer_ids = {int(m.group(1)) for k in sd if (m := re.match(r"decoder\.layers\.(\d+)\.", k))}
     n_layer = max(layer_ids) + 1 if layer_ids else 0
     if n_layer < 2 or n_layer % 2:
         raise ConversionError(f"Not the released BlackMamba layout: found {n_layer} decoder layers; "
                               "expected an even number, alternating Mamba (even) and MoE (odd).")
     m, e = "decoder.layers.0.mixer.", "decoder.layers.1.mixer."
-    di2, _ = _shape(sd, m + "in_proj.weight")
-    di, n = _shape(sd, m + "A_log")
-    _, _, d_conv = _shape(sd, m + "conv1d.weight")
-    _, dt_rank = _shape(sd, m + "dt_proj.weight")
-    n_experts, _ = _shape(sd, e + "router.weight")
-    _, d_expert = _shape(sd, e + "local_experts.0.linear_fc2.weight")
+    di2, _ = _shape(sd, m + "in_proj.weight", 2)
+    di, n = _shape(sd, m + "A_log", 2)
+    _, _, d_conv = _shape(sd, m + "conv1d.weight", 3)
+    _, dt_rank = _shape(sd, m + "dt_proj.weight", 2)
+    n_experts, _ = _shape(sd, e + "router.weight", 2)
+    _, d_expert = _shape(sd, e + "local_experts.0.linear_fc2.weight", 2)
+    if d == 0:
+        raise ConversionError("Not the released BlackMamba layout: embedding.word_embeddings.weight has d_model = 0 columns.")
     if di2 != 2 * di or di % d:
         raise ConversionError(f"Not the released BlackMamba layout: {m}in_proj.weight has {di2} rows and A_log "
                               f"{di}; expected 2 * d_inner rows with d_inner a multiple of d_model = {d}.")
@@ -135,13 +175,17 @@ def infer_config(sd: dict, activation: str = DEFAULT_ACTIVATION, vocab_size: int
     if not 0 < vocab_size <= rows:
         raise ConversionError(f"The tokenizer has {vocab_size} tokens but the embedding only {rows} rows.")
     pad = next(p for p in (128, 64, 32, 16, 8, 4, 2, 1, rows) if -(-vocab_size // p) * p == rows)
-    config = ModelConfig(
-        vocab_size=vocab_size, pad_vocab_size_multiple=pad, d_model=d, n_layer=n_layer,
-        layer_pattern=("mamba", "moe"), max_seq_len=2048, d_state=n, d_conv=d_conv, expand=di // d,
-        dt_rank=dt_rank, n_experts=n_experts, top_k=1, d_expert=d_expert, router="sinkhorn",
-        mlp_activation=activation, norm="rmsnorm", final_norm="layernorm", norm_eps=1e-5,
-        tie_embeddings=True, residual_in_fp32=True,
-    )
+    try:
+        config = ModelConfig(
+            vocab_size=vocab_size, pad_vocab_size_multiple=pad, d_model=d, n_layer=n_layer,
+            layer_pattern=("mamba", "moe"), max_seq_len=2048, d_state=n, d_conv=d_conv, expand=di // d,
+            dt_rank=dt_rank, n_experts=n_experts, top_k=1, d_expert=d_expert, router="sinkhorn",
+            mlp_activation=activation, norm="rmsnorm", final_norm="layernorm", norm_eps=1e-5,
+            tie_embeddings=True, residual_in_fp32=True,
+        )
+    except ConfigError as err:  # a size read off the tensors is 0 (or otherwise impossible)
+        raise ConversionError(f"Not the released BlackMamba layout: the sizes read from layers 0 and 1 do not make a "
+                              f"model ({str(err).replace('ModelConfig.', '')})") from None
     config.name = matching_preset(config)
     return config
 
@@ -191,6 +235,8 @@ def check_layout(sd: dict, config: ModelConfig) -> None:
         f"{k}: shape {tuple(sd[k].shape)} in the file, expected {s}"
         for k, s in expected.items() if k in sd and tuple(sd[k].shape) != s
     ]
+    problems += [f"{k}: dtype {sd[k].dtype} in the file, expected a floating-point one (bf16 as released)"
+                 for k in expected if k in sd and not sd[k].is_floating_point()]
     if problems:
         sizes = ", ".join(f"{f}={getattr(config, f)}" for f in SIZE_FIELDS)
         _fail(problems, f"Not the released BlackMamba layout (sizes read from layers 0 and 1: {sizes})")
@@ -225,6 +271,9 @@ def convert_zyphra(
     """A released BlackMamba state dict -> our Model in eval mode (weights in ``dtype``, default as stored)."""
     config = infer_config(sd, activation, vocab_size)
     check_layout(sd, config)
+    bad = next((k for k, v in sd.items() if not bool(torch.isfinite(v).all())), None)
+    if bad is not None:
+        raise ConversionError(f"{bad} holds nan or inf values: the file is damaged; download it again.")
     with torch.device("meta"):  # no time spent initialising weights that are replaced right away
         model = Model(config)
     model.load_state_dict(convert_state_dict(sd, config, dtype), strict=False, assign=True)
@@ -248,6 +297,49 @@ def stored_tokenizer_spec(spec: str) -> str:
     return os.path.abspath(spec) if os.path.isfile(spec) else spec
 
 
+CHECKPOINT_FILES = (WEIGHTS, CONFIG, TRAIN_STATE, "sharded", "metrics.jsonl")  # what a run's folder holds
+
+
+def check_out_dir(out: str | os.PathLike) -> None:
+    """Refuse an output that is a file, or a folder already holding a checkpoint (a conversion would overwrite
+    part of it: a training run's weights and config.json would no longer match its train_state.pt)."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ConversionError(f"{out} is a file, not a folder: give a new folder for the converted checkpoint.")
+    held = [name for name in CHECKPOINT_FILES if (out / name).exists()]
+    if held:
+        raise ConversionError(f"{out} already holds a checkpoint ({', '.join(held)}): give a new folder, or delete "
+                              "that one first.")
+
+
+def save_converted(model: Model, out: str | os.PathLike, **extra) -> None:
+    """``save_model`` into a new folder, all or nothing: written into a temporary folder beside ``out``,
+    then renamed to ``out`` (or, into an existing folder without a checkpoint, its two files moved in,
+    config.json last)."""
+    out = Path(out)
+    check_out_dir(out)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    except OSError as e:
+        raise ConversionError(f"Cannot write the converted checkpoint to {out} ({e.strerror}).") from None
+    try:
+        save_model(model, tmp, **extra)
+        if out.is_dir():
+            for name in (WEIGHTS, CONFIG):
+                os.replace(tmp / name, out / name)
+            tmp.rmdir()
+        else:
+            os.rename(tmp, out)
+    except OSError as e:
+        raise ConversionError(f"Cannot write the converted checkpoint to {out} ({e.strerror or e}).") from None
+    finally:
+        if tmp.exists():
+            for f in tmp.iterdir():
+                f.unlink()
+            tmp.rmdir()
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description="Convert Zyphra's BlackMamba pytorch_model.bin to a minimamba-moe checkpoint.")
     ap.add_argument("path", help="pytorch_model.bin from Zyphra/BlackMamba-1.5B or -2.8B")
@@ -257,9 +349,11 @@ def main(argv: list[str] | None = None) -> None:
                     help="expert gate: geglu (default, what the released code runs) or swiglu (what the paper says)")
     args = ap.parse_args(argv)
     try:
+        check_out_dir(args.out)  # before the minutes spent reading the weights
         tok = load_tokenizer(args.tokenizer)
         model = load_zyphra(args.path, args.activation, tok)
-        save_model(model, args.out, tokenizer=stored_tokenizer_spec(args.tokenizer), converted_from=os.path.abspath(args.path))
+        save_converted(model, args.out, tokenizer=stored_tokenizer_spec(args.tokenizer),
+                       converted_from=os.path.abspath(args.path))
     except (CheckpointError, TokenizerError) as e:
         sys.exit(f"error: {e}")
     total = model.count_params()

@@ -12,7 +12,9 @@ Cache layout (one folder per corpus + tokenizer, so a second run starts at once)
         train.bin, val.bin   the token ids, uint16 (vocab <= 65536) or uint32, back to back
         meta.json            dtype, token counts, where the text came from
 The folder is built under a temporary name and renamed when complete, so an interrupted
-tokenization never leaves a half-written cache behind.
+tokenization never leaves a half-written cache behind. A cache found again is checked before use
+(``check_cache``: meta.json describes this corpus, tokenizer and vocabulary, and the token files
+have the sizes it records); a damaged or stale one is refused, naming the folder to delete.
 
 Sampling (``Batches``): the windows of a step are a pure function of (seed, split, step), drawn for
 the whole *global* batch and then sliced by micro-batch and rank. So a resumed run reads exactly
@@ -61,7 +63,8 @@ def local_files(path: str) -> list[Path]:
         if files:
             return files
         raise DataError(f"--data={path} is a folder with no files in it.")
-    raise DataError(f"--data={path} does not exist: give a text file or a folder of text files "
+    what = "is neither a file nor a folder" if p.exists() else "does not exist"  # e.g. /dev/null, a pipe
+    raise DataError(f"--data={path} {what}: give a text file or a folder of text files "
                     "(or leave --data out to train on the Python standard library's sources).")
 
 
@@ -104,10 +107,14 @@ def iter_dataset(dataset: str, dataset_config: str, text_field: str):
         if builder is None:
             raise DataError(f"--dataset={dataset}: a local file must end in {', '.join(LOCAL_BUILDERS)}; "
                             "for a folder of plain text use --data instead.")
+        quiet = datasets.logging.get_verbosity()
+        datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # it logs the error too: one line is ours
         try:
             ds = datasets.load_dataset(builder, data_files=str(local), split="train")
         except Exception as e:
-            raise DataError(f"--dataset={dataset} could not be read as {builder}: {e}".splitlines()[0]) from None
+            raise DataError(f"--dataset={dataset} {_why_unreadable(e, builder)}") from None
+        finally:
+            datasets.logging.set_verbosity(quiet)
     else:
         if re.match(r"^[./~]|.*\.(txt|md|jsonl?|csv|parquet)$", dataset):
             raise DataError(f"--dataset={dataset}: no such file.")
@@ -126,8 +133,28 @@ def iter_dataset(dataset: str, dataset_config: str, text_field: str):
     if getattr(ds, "column_names", None) and text_field not in ds.column_names:
         raise DataError(f"--dataset={dataset} has no field {text_field!r}; its fields: "
                         f"{', '.join(ds.column_names)}. Pick one with --text_field.")
-    for row in ds:
-        yield row[text_field]
+    for i, row in enumerate(ds):
+        text = row[text_field]
+        if not isinstance(text, str):
+            kind = "null" if text is None else type(text).__name__
+            raise DataError(f"--dataset={dataset}: row {i + 1} has {text_field!r} = {kind}, not text: every row's "
+                            f"{text_field!r} must be a string (pick another column with --text_field).")
+        yield text
+
+
+def _why_unreadable(e: BaseException, builder: str) -> str:
+    """What `datasets` could not read, from the exception under its wrapper (which says only "An error
+    occurred while generating the dataset")."""
+    chain = [e]
+    while (nxt := chain[-1].__cause__ or chain[-1].__context__) is not None and nxt not in chain:
+        chain.append(nxt)
+    if any(isinstance(c, UnicodeDecodeError) for c in chain):
+        return "is not UTF-8 text: convert it to UTF-8 first."
+    if isinstance(chain[-1], StopIteration):  # the builder found no rows at all
+        return f"holds no rows: give a non-empty {builder} file."
+    lines = [str(c).strip().splitlines()[0] for c in chain if str(c).strip()]
+    lines = [line for line in lines if not line.startswith("An error occurred while generating")] or lines
+    return f"could not be read as {builder}: {lines[0] if lines else type(e).__name__}"
 
 
 def hub_reachable(timeout: float = 3.0) -> bool:
@@ -190,7 +217,8 @@ def prepare_data(tokenizer, tokenizer_spec: str, data: str = "", dataset: str = 
         raise DataError("Give --data (a local text file or folder) or --dataset (a `datasets` name or file), not both.")
     name, desc = cache_key(data, dataset, dataset_config, text_field, tokenizer_spec, val_every, max_tokens)
     final = Path(cache_dir) / name
-    if (final / "meta.json").is_file():
+    if final.exists():
+        check_cache(final, desc, tokenizer.vocab_size)
         return final
     try:
         Path(cache_dir).mkdir(parents=True, exist_ok=True)
@@ -225,7 +253,8 @@ def prepare_data(tokenizer, tokenizer_spec: str, data: str = "", dataset: str = 
             train[:-n_val].tofile(tmp / "train.bin")
             train[-n_val:].tofile(tmp / "val.bin")
             counts = {"train": len(train) - n_val, "val": n_val}
-        meta = {**desc, "dtype": np.dtype(dtype).name, "vocab_size": tokenizer.vocab_size, "tokens": counts}
+        meta = {**desc, "dtype": np.dtype(dtype).name, "vocab_size": tokenizer.vocab_size, "tokens": counts,
+                "documents": {"total": i + 1, "val": (i + 1) // val_every}}
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
         try:
             os.rename(tmp, final)
@@ -236,6 +265,39 @@ def prepare_data(tokenizer, tokenizer_spec: str, data: str = "", dataset: str = 
         shutil.rmtree(tmp, ignore_errors=True)
     log(f"  {counts['train']:,} train tokens, {counts['val']:,} val tokens")
     return final
+
+
+def check_cache(folder: Path, desc: dict, vocab_size: int) -> None:
+    """Refuse (DataError) a cache folder that is not what ``desc`` and the tokenizer would build: meta.json
+    missing or unreadable, describing another corpus or tokenizer, or token files of the wrong size."""
+    def refuse(why: str):
+        return DataError(f"The data cache {folder} is damaged or stale ({why}): delete that folder and run again "
+                         "to tokenize the corpus afresh.")
+
+    try:
+        meta = json.loads((folder / "meta.json").read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise refuse("meta.json is missing") from None
+    except (OSError, ValueError):
+        raise refuse("meta.json is not readable JSON") from None
+    if not isinstance(meta, dict):
+        raise refuse("meta.json is not a JSON object")
+    changed = [k for k, v in desc.items() if meta.get(k) != v]
+    if changed:
+        raise refuse(f"meta.json describes another {', '.join(changed)}")
+    if meta.get("vocab_size") != vocab_size:
+        raise refuse(f"tokenized for a vocabulary of {meta.get('vocab_size')}, the tokenizer has {vocab_size}")
+    try:
+        itemsize = np.dtype(meta["dtype"]).itemsize
+        counts = {split: int(meta["tokens"][split]) for split in ("train", "val")}
+    except (KeyError, TypeError, ValueError):
+        raise refuse("meta.json lacks the dtype or the token counts") from None
+    for split, n in counts.items():
+        path = folder / f"{split}.bin"
+        if not path.is_file():
+            raise refuse(f"{split}.bin is missing")
+        if path.stat().st_size != n * itemsize:
+            raise refuse(f"{split}.bin holds {path.stat().st_size:,} bytes, meta.json says {n:,} tokens of {meta['dtype']}")
 
 
 # --- sampling -----------------------------------------------------------------------------------
@@ -250,7 +312,12 @@ class Batches:
         self.vocab_size = meta["vocab_size"]
         self.split, self.seq_len, self.seed = split, seq_len, seed
         if len(self.tokens) <= seq_len + 1:
-            raise DataError(f"The {split} split has {len(self.tokens):,} tokens, too few for seq_len={seq_len}: "
+            docs = meta.get("documents", {})
+            why = ""
+            if split == "val" and docs.get("val"):  # a few (short) documents: every val_every-th one
+                why = (f" (one document in {meta['val_every']}: {docs['val']} of {docs['total']} documents; "
+                       "a lower --val_every puts more there)")
+            raise DataError(f"The {split} split has {len(self.tokens):,} tokens{why}, too few for seq_len={seq_len}: "
                             "use more data or a shorter --seq_len.")
 
     def get(self, step: int, batch_size: int, micro: int = 0, n_micro: int = 1, rank: int = 0, world: int = 1):

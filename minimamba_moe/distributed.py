@@ -314,8 +314,12 @@ def export_sharded(folder: str | os.PathLike, config: ModelConfig, path: str | o
 
 def main(argv: list[str]) -> int:
     """python -m minimamba_moe.distributed export OUT_DIR: model.safetensors + config.json from OUT_DIR/sharded."""
+    usage = "usage: python -m minimamba_moe.distributed export OUT_DIR"
+    if argv in (["-h"], ["--help"]):
+        print(usage)
+        return 0
     if len(argv) != 2 or argv[0] != "export":
-        print("usage: python -m minimamba_moe.distributed export OUT_DIR", file=sys.stderr)
+        print(usage, file=sys.stderr)
         return 2
     out = Path(argv[1])
     try:
@@ -326,7 +330,22 @@ def main(argv: list[str]) -> int:
         step = read_state(out / SHARDED)["step"]
         extra.pop("sha256", None)
         meta = {"format": 1, "model": config.to_dict(), **extra, "step": step}
-        atomic_write(out / WEIGHTS, lambda p: export_sharded(out / SHARDED, config, p, {"format": 1, "step": step}))
+        try:  # here, not in dcp.load: on a damaged file it logs a traceback before raising
+            dcp.FileSystemReader(str(out / SHARDED)).read_metadata()
+        except Exception as e:
+            raise CheckpointError(f"{out / SHARDED / '.metadata'} cannot be read (truncated or damaged: "
+                                  f"{type(e).__name__}); the sharded checkpoint cannot be exported.") from None
+        if (out / WEIGHTS).is_dir():
+            raise CheckpointError(f"{out / WEIGHTS} is a folder, where the export writes the weights: move it away")
+        try:
+            atomic_write(out / WEIGHTS, lambda p: export_sharded(out / SHARDED, config, p, {"format": 1, "step": step}))
+        except (CheckpointException, RuntimeError, ValueError, KeyError, OSError, AssertionError, EOFError) as e:
+            why = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__  # DCP's: the rank's error
+            if "Size mismatch" in why:  # a tensor of another shape than config.json describes
+                raise CheckpointError(f"the sharded checkpoint in {out / SHARDED} does not fit {out / CONFIG} "
+                                      f"({why}).") from None
+            raise CheckpointError(f"the sharded checkpoint in {out / SHARDED} cannot be read (missing, truncated or "
+                                  f"damaged files: {why}).") from None
         digests = {WEIGHTS: file_digest(out / WEIGHTS)}
         atomic_write(out / CONFIG, lambda p: Path(p).write_text(config_text(meta, digests)))
     except CheckpointError as e:

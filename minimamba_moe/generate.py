@@ -47,7 +47,11 @@ def sample_token(
     logits = logits.float()
     if temperature == 0:
         return logits.argmax(dim=-1)
-    logits = logits / temperature
+    scaled = logits / temperature
+    if not bool(torch.isfinite(scaled).all()):  # a temperature so small that the division overflows: shift first,
+        shifted = logits.double() - logits.double().amax(dim=-1, keepdim=True)  # so the top logit stays 0, not inf,
+        scaled = (shifted / temperature).float()  # in float64, where 1e-300 is not 0
+    logits = scaled
     if top_k is not None and top_k < logits.shape[-1]:
         kth = logits.topk(top_k, dim=-1).values[:, -1:]  # (b, 1) the k-th largest logit
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -73,21 +77,26 @@ def generate_tokens(
     generator: torch.Generator | None = None,
     use_state: bool = True,
     state: InferenceState | None = None,
+    vocab_size: int | None = None,
 ) -> Iterator[torch.Tensor]:
     """Yield ``max_new_tokens`` tensors of shape (b,), the next token of every sequence.
 
     prompt_ids (b, l) with l >= 1. The first token is ready after the prefill (so a caller timing
     the first ``next()`` times the prefill); each later one costs one ``Model.step``. Pass ``state``
-    (from ``model.init_state(b)``) to look at it afterwards; it is updated in place.
+    (from ``model.init_state(b)``) to look at it afterwards; it is updated in place. ``vocab_size``:
+    draw only among the first ``vocab_size`` ids (a tokenizer smaller than the model's vocabulary,
+    e.g. bytes on a GPT-2-sized model, cannot decode the others).
     """
+    def sample(logits):
+        return sample_token(logits[:, :vocab_size], temperature, top_k, top_p, generator)
+
     if prompt_ids.ndim != 2 or prompt_ids.shape[1] == 0:
         raise ValueError(f"prompt_ids must be (batch, length) with length >= 1, got {tuple(prompt_ids.shape)}")
     model.eval()
     if not use_state:  # reference: the full forward over everything so far, every time
         ids = prompt_ids
         for _ in range(max_new_tokens):
-            logits = model(ids).logits[:, -1]
-            token = sample_token(logits, temperature, top_k, top_p, generator)
+            token = sample(model(ids).logits[:, -1])
             yield token
             ids = torch.cat([ids, token[:, None]], dim=1)
         return
@@ -95,7 +104,7 @@ def generate_tokens(
         state = model.init_state(prompt_ids.shape[0])
     logits = model(prompt_ids, state=state).logits[:, -1]  # prefill: one pass fills the state
     for i in range(max_new_tokens):
-        token = sample_token(logits, temperature, top_k, top_p, generator)
+        token = sample(logits)
         yield token
         if i + 1 < max_new_tokens:  # the last token is never fed back
             logits = model.step(token, state)

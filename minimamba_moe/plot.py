@@ -34,7 +34,8 @@ def read_metrics(path: Path) -> tuple[list[dict], list[dict]]:
     if path.is_dir():
         path = path / "metrics.jsonl"
     if not path.is_file():
-        raise PlotError(f"{path} does not exist: pass the out_dir of a train.py run (it holds metrics.jsonl)")
+        what = "is not a file" if path.exists() else "does not exist"
+        raise PlotError(f"{path} {what}: pass the out_dir of a train.py run (it holds metrics.jsonl)")
     lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
     train, evals = [], []
     for i, line in enumerate(lines):
@@ -48,10 +49,39 @@ def read_metrics(path: Path) -> tuple[list[dict], list[dict]]:
             raise PlotError(f"{path}:{i + 1} is not JSON: every line of metrics.jsonl must be one JSON object")
         if not isinstance(r, dict) or "step" not in r:
             raise PlotError(f"{path}:{i + 1} has no 'step': is this a metrics.jsonl written by train.py?")
+        layers = next((t["tokens_per_expert"] for t in train if t.get("tokens_per_expert")), None)
+        check_record(r, layers, f"{path}:{i + 1}")
         (evals if "val_loss" in r and "loss" not in r else train).append(r)
     if not train and not evals:
         raise PlotError(f"{path} holds no records yet: plot it after the run has taken a step")
     return train, evals
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def check_record(r: dict, layers: list | None, where: str) -> None:
+    """Refuse (PlotError) a record whose plotted fields have the wrong type; ``layers``: the first
+    record's tokens_per_expert, whose shape every later one must have."""
+    def bad(key, expected):
+        shown = json.dumps(r[key])
+        return PlotError(f"{where} has {key} = {shown if len(shown) < 60 else shown[:57] + '...'}: expected {expected} "
+                         "(is this a metrics.jsonl written by train.py?)")
+
+    if not _is_number(r["step"]) or r["step"] < 0:
+        raise bad("step", "a step number >= 0")
+    for key in ("loss", "val_loss"):
+        if r.get(key) is not None and not _is_number(r[key]):
+            raise bad(key, "a number or null")
+    counts = r.get("tokens_per_expert")
+    if counts is None:
+        return
+    if not (isinstance(counts, list) and counts and all(
+            isinstance(layer, list) and layer and all(_is_number(c) and c >= 0 for c in layer) for layer in counts)):
+        raise bad("tokens_per_expert", "one list of token counts per MoE layer")
+    if layers is not None and [len(layer) for layer in counts] != [len(layer) for layer in layers]:
+        raise bad("tokens_per_expert", f"the shape of the first record's, {[len(layer) for layer in layers]} experts")
 
 
 def _smooth(values: list[float], width: int) -> list[float]:
@@ -79,6 +109,14 @@ def plot_run(run: Path, out: Path) -> Path:
         raise PlotError("matplotlib is not installed: pip install -e '.[plots]'") from None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    formats = plt.figure().canvas.get_supported_filetypes()
+    plt.close("all")
+    if out.is_dir():
+        raise PlotError(f"--out {out} is a folder: give the figure's file name, e.g. {out / 'run.png'}")
+    if out.suffix[1:].lower() not in formats:
+        what = f"a {out.suffix} figure" if out.suffix else "a figure without a suffix"
+        raise PlotError(f"cannot write {what} ({out}): end --out with one of .{', .'.join(sorted(formats))}")
 
     moe = [r for r in train if r.get("tokens_per_expert")]
     fig, axes = plt.subplots(1, 3 if moe else 1, figsize=(15 if moe else 5.5, 4), squeeze=False)
@@ -124,11 +162,17 @@ def plot_run(run: Path, out: Path) -> Path:
         ax.set_title(f"share of token-slots, steps {tail[0]['step']}..{tail[-1]['step']}")
         fig.colorbar(im, ax=ax)
     fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.stem}.tmp{out.suffix}")
-    fig.savefig(tmp, dpi=110, metadata={"Date": None} if out.suffix == ".svg" else None)
-    plt.close(fig)
-    os.replace(tmp, out)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(tmp, dpi=110, metadata={"Date": None} if out.suffix == ".svg" else None)
+        os.replace(tmp, out)
+    except OSError as e:
+        raise PlotError(f"cannot write {out} ({e.strerror or e}): choose another --out") from None
+    finally:
+        plt.close(fig)
+        if tmp.exists():
+            tmp.unlink()
     return out
 
 

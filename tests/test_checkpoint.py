@@ -156,3 +156,11 @@ def test_non_finite_weights_are_never_saved(tmp_path):
     with pytest.raises(CheckpointError, match="nan or inf"):
         save(tmp_path, second, 2)
     assert_whole_checkpoint(tmp_path, first, 1)
+
+
+def test_a_file_given_for_the_checkpoint_folder_is_named_as_such(tmp_path):
+    from minimamba_moe.checkpoint import CheckpointError, read_config
+
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(CheckpointError, match=f"is a file: give the checkpoint's folder \\({tmp_path}\\)"):
+        read_config(tmp_path / "config.json")

@@ -218,11 +218,11 @@ def test_unreadable_files_are_refused(tmp_path):
     torch.save({"model": synthetic_zyphra()}, good)
     bad = tmp_path / "truncated.bin"
     bad.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
-    with pytest.raises(ConversionError, match="could not be read"):
+    with pytest.raises(ConversionError, match="truncated or damaged"):
         load_zyphra_state_dict(bad)
     evil = tmp_path / "object.bin"
     torch.save({"model": {"x": torch.zeros(1)}, "args": ModelConfig()}, evil)  # an arbitrary object
-    with pytest.raises(ConversionError, match="weights_only"):
+    with pytest.raises(ConversionError, match="minimamba_moe.config.ModelConfig"):
         load_zyphra_state_dict(evil)
 
 
@@ -256,6 +256,10 @@ def test_sample_py_zyphra_end_to_end(zyphra_file, tmp_path):
     second = run("--ckpt", str(tmp_path / "c"))
     assert second.returncode == 0, second.stderr
     assert second.stdout == first.stdout
+    again = run("--zyphra", str(zyphra_file), "--tokenizer", str(tok_path), "--save_converted", str(tmp_path / "c"))
+    assert again.returncode == 1 and again.stderr.count("\n") == 1, again.stderr  # one line, the folder untouched
+    assert "already holds a checkpoint" in again.stderr and not again.stdout
+    assert run("--ckpt", str(tmp_path / "c")).stdout == first.stdout
 
 
 def test_stored_tokenizer_spec(tmp_path, monkeypatch):
@@ -265,3 +269,111 @@ def test_stored_tokenizer_spec(tmp_path, monkeypatch):
     (tmp_path / "tokenizer.json").write_text("{}")
     assert stored_tokenizer_spec("bytes") == "bytes"  # a name stays a name
     assert stored_tokenizer_spec("tokenizer.json") == str(tmp_path / "tokenizer.json")  # a file: absolute
+
+
+# --- malformed files: one ConversionError sentence each, nothing written ----------------------------------------
+def _set(key, value):
+    return lambda sd: sd.__setitem__(key, value)
+
+
+@pytest.mark.parametrize(
+    "edit, needle",
+    [
+        (_set("decoder.layers.0.mixer.A_log", torch.zeros(D_INNER * D_STATE)), "A_log: shape (1024,) in the file"),
+        (_set("embedding.word_embeddings.weight", torch.zeros(ROWS)), "embedding.word_embeddings.weight: shape (320,)"),
+        (_set("decoder.layers.0.mixer.conv1d.weight", torch.zeros(D_INNER, 4)), "conv1d.weight: shape (64, 4)"),
+        (_set("embedding.word_embeddings.weight", torch.zeros(ROWS, 0)), "d_model = 0"),
+        (_set("decoder.layers.1.mixer.router.weight", torch.zeros(0, D)), "n_experts = 0"),
+        (_set("decoder.layers.0.mixer.A_log", torch.zeros(D_INNER, D_STATE, dtype=torch.int64)), "A_log: dtype torch.int64"),
+        (_set("decoder.layers.2.mixer.in_proj.weight", torch.full((2 * D_INNER, D), float("nan"))), "in_proj.weight holds nan"),
+    ],
+    ids=["1d-A_log", "1d-embedding", "2d-conv", "zero-width", "zero-experts", "int-dtype", "nan"],
+)
+def test_malformed_tensors_are_refused_in_one_sentence(edit, needle):
+    sd = synthetic_zyphra()
+    edit(sd)
+    with pytest.raises(ConversionError) as e:
+        convert_zyphra(sd)
+    assert needle in str(e.value) and "\n" not in str(e.value), str(e.value)
+
+
+class _RunsCode:
+    def __reduce__(self):
+        return (os.system, ("echo this should never run",))
+
+
+def test_files_that_are_not_checkpoints_get_a_sentence_saying_what_they_are(tmp_path, recwarn):
+    text = tmp_path / "notes.bin"
+    text.write_text("hello, this is not a checkpoint\n")
+    with pytest.raises(ConversionError, match="not a PyTorch checkpoint") as e:
+        load_zyphra_state_dict(text)
+    assert "KeyError" not in str(e.value) and "101" not in str(e.value)
+    import pickle
+
+    raw = tmp_path / "raw.pkl"
+    raw.write_bytes(pickle.dumps({"model": {"x": _RunsCode()}}))
+    zipped = tmp_path / "zipped.bin"
+    torch.save({"model": {"x": torch.zeros(1)}, "hook": _RunsCode()}, zipped)
+    for path in (raw, zipped):
+        with pytest.raises(ConversionError, match="could run arbitrary code") as e:
+            load_zyphra_state_dict(path)
+        assert "weights_only` set to `False`" not in str(e.value) and "\n" not in str(e.value), str(e.value)
+    assert "posix.system" in str(e.value) or "os.system" in str(e.value), str(e.value)
+    assert not [w for w in recwarn if "pickle protocol" in str(w.message)], "torch's warning would be a second line"
+
+
+def test_a_safetensors_file_is_read_by_safetensors_on_any_torch(tmp_path, monkeypatch):
+    from safetensors.torch import save_file
+
+    save_file(synthetic_zyphra(), tmp_path / "model.safetensors")
+    monkeypatch.setattr(torch, "load", lambda *a, **k: pytest.fail("torch.load reads .safetensors only on torch >= 2.13"))
+    sd = load_zyphra_state_dict(tmp_path / "model.safetensors")
+    assert convert_zyphra(sd).config.n_layer == N_LAYER
+    half = tmp_path / "half.safetensors"
+    half.write_bytes((tmp_path / "model.safetensors").read_bytes()[:5000])
+    with pytest.raises(ConversionError, match="damaged or not a safetensors file"):
+        load_zyphra_state_dict(half)
+
+
+def convert_main(*args):
+    from minimamba_moe.convert import main
+
+    try:
+        main([str(a) for a in args])
+    except SystemExit as e:
+        return e.code
+    return None
+
+
+def test_out_folder_holding_a_checkpoint_or_a_file_is_refused_before_reading(zyphra_file, tmp_path, monkeypatch):
+    import minimamba_moe.convert as convert
+
+    monkeypatch.setattr(convert, "load_zyphra", lambda *a, **k: pytest.fail("the weights were read first"))
+    run = tmp_path / "run"
+    run.mkdir()
+    for name in ("config.json", "train_state.pt", "metrics.jsonl"):
+        (run / name).write_text("a training run's file")
+    code = convert_main(zyphra_file, "--tokenizer", "bytes", "--out", run)
+    assert "already holds a checkpoint" in code and "\n" not in code, code
+    assert all((run / n).read_text() == "a training run's file" for n in ("config.json", "train_state.pt"))
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    assert "is a file" in convert_main(zyphra_file, "--tokenizer", "bytes", "--out", a_file)
+
+
+def test_conversion_writes_all_or_nothing(zyphra_file, tmp_path, monkeypatch):
+    import minimamba_moe.checkpoint as checkpoint
+
+    def disk_full(*a, **k):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(checkpoint, "config_text", disk_full)  # the weights are written, then config.json fails
+    code = convert_main(zyphra_file, "--tokenizer", "bytes", "--out", tmp_path / "new")
+    assert "No space left on device" in code and "\n" not in code, code
+    assert sorted(os.listdir(tmp_path)) == [], "a half-written checkpoint (or a temporary folder) was left behind"
+    monkeypatch.undo()
+    (tmp_path / "shared").mkdir()
+    (tmp_path / "shared" / "README").write_text("mine")
+    assert convert_main(zyphra_file, "--tokenizer", "bytes", "--out", tmp_path / "shared") is None
+    assert sorted(os.listdir(tmp_path / "shared")) == ["README", "config.json", "model.safetensors"]
+    assert load_model(tmp_path / "shared")[0].config.n_layer == N_LAYER

@@ -118,6 +118,13 @@ def test_every_name_in_backticks_exists(page):
     assert not problems, f"docs/{page.relative_to(DOCS).as_posix()} names things that do not exist:\n  " + "\n  ".join(problems)
 
 
+def test_the_testing_page_describes_every_test_file():
+    table = (DOCS / "testing.md").read_text(encoding="utf-8")
+    missing = [f.relative_to(ROOT).as_posix() for f in sorted((ROOT / "tests").glob("test_*.py"))
+               if f"| `{f.relative_to(ROOT).as_posix()}` |" not in table]
+    assert not missing, f"docs/testing.md's table of what each file asserts has no row for {missing}"
+
+
 def test_nav_lists_every_page():
     nav = set(re.findall(r"^\s*-\s*[^:\n]+:\s*(\S+\.md)\s*$", (ROOT / "mkdocs.yml").read_text(), re.M))
     pages = {p.relative_to(DOCS).as_posix() for p in PAGES}
@@ -151,7 +158,9 @@ RUN_HERE = {
 }
 # Commands that write into the repository: run with --out into a temporary folder instead.
 WRITES = {"python docs/figures/make_figures.py": "--out {tmp}"}
-RUN_HERE |= set(WRITES)
+# Commands that would train for many minutes: run with --plan, which checks every setting and exits.
+PLANNED = {"python train.py --max_steps=1000 --d_model=256 --lr=1e-3": "--plan"}
+RUN_HERE |= set(WRITES) | set(PLANNED) | {"python train.py --preset=blackmamba-2.8b --plan --nproc=8"}
 
 # Commands run elsewhere: command -> (file that runs it, test function in it or None for a script).
 RUN_ELSEWHERE = {
@@ -164,6 +173,8 @@ RUN_ELSEWHERE = {
     "python benchmarks/gpu_check.py --out /tmp/gc --device cpu --quick":
         ("tests/test_gpu_check.py", "test_cpu_dry_run_end_to_end"),
     "python sample.py": ("tests/test_sample.py", "test_sample_py_default_checkpoint_stdin_and_prompt_file"),
+    'python sample.py out --prompt "def " --max_new_tokens 500 --temperature 0.8 --top_k 200 --top_p 0.95':
+        ("tests/test_sample.py", "test_sample_py_streams_the_greedy_continuation_and_reports_speed"),
     'echo "def " | python sample.py --temperature 0.7 --top_k 50':
         ("tests/test_sample.py", "test_sample_py_default_checkpoint_stdin_and_prompt_file"),
     # The benchmarks page: each script's full run takes minutes to hours; its test runs it small.
@@ -230,11 +241,18 @@ def strip_comment(cmd: str) -> str:
     return cmd
 
 
-ALL_COMMANDS = [(page, strip_comment(cmd), cmd, out) for page in PAGES for cmd, out in shell_commands(page)]
+README = ROOT / "README.md"  # the first page a reader follows: its commands are held to the same rule
+
+
+def where(page: Path) -> str:
+    return page.relative_to(ROOT).as_posix()
+
+
+ALL_COMMANDS = [(page, strip_comment(cmd), cmd, out) for page in [README, *PAGES] for cmd, out in shell_commands(page)]
 
 
 def test_every_command_on_a_page_is_run_by_a_test_or_marked():
-    problems = [f"docs/{page.relative_to(DOCS).as_posix()}: {raw!r}" for page, cmd, raw, _ in ALL_COMMANDS
+    problems = [f"{where(page)}: {raw!r}" for page, cmd, raw, _ in ALL_COMMANDS
                 if cmd not in RUN_HERE and cmd not in RUN_ELSEWHERE and not MARKED.search(raw)]
     assert not problems, ("commands on the pages that no test runs: add them to RUN_HERE / RUN_ELSEWHERE in "
                           "tests/test_docs.py, or mark the line `# needs a GPU` / `# needs the network`:\n  "
@@ -273,7 +291,7 @@ def command_runs(tmp_path_factory):
     env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")  # `python` = this one
 
     def run(cmd):
-        full = cmd + (" " + WRITES[cmd].format(tmp=tmp) if cmd in WRITES else "")
+        full = cmd + (" " + WRITES[cmd].format(tmp=tmp) if cmd in WRITES else "") + (" " + PLANNED.get(cmd, "")).rstrip()
         r = subprocess.run(full, shell=True, cwd=ROOT, env=env, text=True, capture_output=True, timeout=300)
         return r.returncode, r.stdout, r.stderr
 
@@ -288,15 +306,27 @@ RUN_HERE_SHOWN = [(page, cmd, out) for page, cmd, _, out in ALL_COMMANDS if cmd 
 @pytest.mark.parametrize("page,cmd,shown", RUN_HERE_SHOWN, ids=[c for _, c, _ in RUN_HERE_SHOWN])
 def test_command_runs_and_prints_what_the_page_shows(command_runs, page, cmd, shown):
     rc, stdout, stderr = command_runs[cmd]
-    assert rc == 0, f"{cmd!r} (docs/{page.relative_to(DOCS).as_posix()}) exited {rc}:\n{stderr}"
+    assert rc == 0, f"{cmd!r} ({where(page)}) exited {rc}:\n{stderr}"
     if shown is None:
         return
     got, got_errs = normalise(stdout)
     want, want_errs = normalise(shown)
-    assert got == want, (f"docs/{page.relative_to(DOCS).as_posix()} shows an output of {cmd!r} that it no longer "
+    assert got == want, (f"{where(page)} shows an output of {cmd!r} that it no longer "
                          f"prints; paste the new output:\n--- page\n{shown}\n--- now\n{stdout}")
     worse = [(g, w) for g, w in zip(got_errs, want_errs) if g > max(10 * w, 1e-5)]
     assert not worse, f"{cmd!r}: errors grew well past what the page shows (now, page): {worse}"
+
+
+PYTHON_BLOCKS = [(page, m.group(1)) for page in PAGES
+                 for m in re.finditer(r"^```python\n(.*?)^```", page.read_text(encoding="utf-8"), re.S | re.M)
+                 if not m.group(1).lstrip().startswith("--8<--")]  # included sections are the source's own
+
+
+@pytest.mark.parametrize("page,code", PYTHON_BLOCKS, ids=[p.relative_to(DOCS).as_posix() for p, _ in PYTHON_BLOCKS])
+def test_python_blocks_written_on_a_page_run_as_written(page, code):
+    """A reader pastes the block into Python: it must not need names the page never defined."""
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, f"docs/{page.relative_to(DOCS).as_posix()}: a python block fails as written:\n{r.stderr}"
 
 
 def test_api_pages_document_every_op_of_both_backends():

@@ -65,14 +65,26 @@ def test_the_page_command_draws_the_run(tmp_path):
 
 @pytest.mark.parametrize("content,needle", [
     (None, "does not exist"),
+    ("a folder", "metrics.jsonl is not a file"),
     ("not json\n{\"step\": 1, \"loss\": 2.0}\n", "is not JSON"),
     ("[1, 2]\n{\"step\": 1}\n", "has no 'step'"),
     ("", "holds no records"),
-])
+    ('{"step": 1, "loss": "abc"}\n{"step": 2, "loss": 1.0}\n', ':1 has loss = "abc"'),
+    ('{"step": "x", "loss": 1.0}\n{"step": 2, "loss": 1.0}\n', ':1 has step = "x"'),
+    ('{"step": 1, "val_loss": [1]}\n{"step": 2, "loss": 1.0}\n', ":1 has val_loss = [1]"),
+    ('{"step": 1, "loss": 1, "tokens_per_expert": 5}\n{"step": 2, "loss": 1.0}\n', ":1 has tokens_per_expert = 5"),
+    ('{"step": 1, "loss": 1, "tokens_per_expert": [[1, 2], [3, 4]]}\n'
+     '{"step": 2, "loss": 1, "tokens_per_expert": [[1, 2]]}\n', ":2 has tokens_per_expert = [[1, 2]]"),
+    ('{"step": 1, "loss": 1, "tokens_per_expert": [[1, 2, 3]]}\n'
+     '{"step": 2, "loss": 1, "tokens_per_expert": [[1, 2]]}\n', ":2 has tokens_per_expert = [[1, 2]]"),
+], ids=["missing", "dir", "not-json", "no-step", "empty", "loss-str", "step-str", "val-list", "tpe-int", "tpe-layers",
+        "tpe-experts"])
 def test_bad_input_gets_one_line(tmp_path, capsys, content, needle):
     run = tmp_path / "out"
     run.mkdir()
-    if content is not None:
+    if content == "a folder":
+        (run / "metrics.jsonl").mkdir()
+    elif content is not None:
         (run / "metrics.jsonl").write_text(content)
     rc = main([str(run)])  # in-process: the same main() the command runs
     err = capsys.readouterr().err
@@ -80,3 +92,18 @@ def test_bad_input_gets_one_line(tmp_path, capsys, content, needle):
     assert rc == 2 and len(lines) == 1 and needle in lines[0], err
     assert lines[0].startswith("python -m minimamba_moe.plot: error: ")
     assert not (run / "run.png").exists()
+
+
+@pytest.mark.parametrize("out, needle", [
+    ("run.foo", "cannot write a .foo figure"),
+    ("run", "cannot write a figure without a suffix"),
+    (".", "is a folder"),
+    ("/proc/no/such/dir/run.png", "cannot write"),
+], ids=["unknown-format", "no-suffix", "a-folder", "unwritable"])
+def test_a_figure_that_cannot_be_written_is_one_line(tmp_path, capsys, out, needle):
+    pytest.importorskip("matplotlib", reason="matplotlib is not installed: pip install -e '.[plots]'")
+    run = write_run(tmp_path / "out")
+    rc = main([str(run), "--out", str(tmp_path / out) if not out.startswith("/") else out])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1 and needle in err, err
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["metrics.jsonl", "out"], "a figure or temporary file was left"

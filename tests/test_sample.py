@@ -252,3 +252,65 @@ def test_one_thread_policy_for_training_and_sampling(ckpts, capsys):
         assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)
+
+
+# --- edges: extreme temperatures, a tokenizer smaller than the model, the terminal's encoding, a closed pipe ---
+@pytest.mark.parametrize("temperature", [1e-45, 1e-300, 1e-30, 1e300])
+def test_extreme_temperatures_still_draw_a_token(temperature):
+    logits = torch.randn(8, 50, generator=torch.Generator().manual_seed(0)) * 10
+    tokens = sample_token(logits, temperature, generator=torch.Generator().manual_seed(1))
+    assert tokens.shape == (8,) and 0 <= int(tokens.min()) and int(tokens.max()) < 50
+    if temperature < 1e-20:  # so cold that only the argmax is left
+        assert torch.equal(tokens, logits.argmax(-1))
+
+
+def test_generation_stays_inside_the_tokenizers_vocabulary(one_thread):
+    torch.manual_seed(0)
+    model = Model(ModelConfig.from_preset("tiny", vocab_size=600)).eval()
+    prompt = torch.randint(0, 256, (2, 3))
+    out = generate(model, prompt, 200, temperature=3.0, vocab_size=256)
+    assert int(out.max()) < 256
+    assert int(generate(model, prompt, 200, temperature=3.0).max()) >= 256  # without it: ids bytes cannot decode
+
+
+def test_sample_py_with_a_smaller_tokenizer_a_plain_terminal_and_a_closed_pipe(ckpts):
+    torch.manual_seed(0)
+    save_model(Model(ModelConfig.from_preset("tiny", vocab_size=600)), ckpts / "vocab600", tokenizer="bytes")
+    r = run_sample("--ckpt", str(ckpts / "vocab600"), "--max_new_tokens", "100", "--temperature", "3", "--top_k", "0")
+    assert r.returncode == 0, r.stderr  # was: ValueError: bytes must be in range(0, 256)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONIOENCODING": "ascii"}
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "sample.py"), "--ckpt", str(ckpts / "tiny"), "--prompt",
+                        "héllo", "--max_new_tokens", "5"], env=env, capture_output=True, timeout=180, stdin=subprocess.DEVNULL)
+    assert r.returncode == 0, r.stderr  # was: UnicodeEncodeError
+    assert r.stdout.startswith(b"h?llo")
+    p = subprocess.Popen([sys.executable, os.path.join(ROOT, "sample.py"), "--ckpt", str(ckpts / "tiny"),
+                          "--max_new_tokens", "100000"], env={**os.environ, "OMP_NUM_THREADS": "1"},
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
+    p.stdout.read(10)  # like `python sample.py | head -c 10`
+    p.stdout.close()
+    err = p.stderr.read().decode()
+    assert p.wait(timeout=180) == 0 and err == "", err  # was: sample.py: error: BrokenPipeError
+
+
+def test_sample_py_stops_at_the_end_of_text_token(ckpts, tmp_path, monkeypatch, capsys):
+    """The loop stops at the tokenizer's end-of-text token and does not print it (a model that emits it on
+    cue stands in for a trained one: generate_tokens is replaced)."""
+    ranks = "/work/shared/data/gpt2.tiktoken"
+    if not os.path.isfile(ranks):
+        pytest.skip("no offline GPT-2 ranks file")
+    sys.path.insert(0, ROOT)
+    import sample
+
+    tok = load_tokenizer(ranks)
+    save_model(Model(ModelConfig.from_preset("tiny", vocab_size=tok.vocab_size)), tmp_path / "m", tokenizer=ranks)
+    script = tok.encode(" the end") + [tok.eot_token] + tok.encode(" never shown")
+
+    def fake_generate(model, prompt, max_new, *args, **kwargs):
+        for t in script[:max_new]:
+            yield torch.tensor([t])
+
+    monkeypatch.setattr(sample, "generate_tokens", fake_generate)
+    sample.main([str(tmp_path / "m"), "--prompt", "Once", "--max_new_tokens", "50"])
+    out = capsys.readouterr()
+    assert out.out == "Once the end\n", out.out
+    assert f"decode: {len(tok.encode(' the end'))} tokens" in out.err
