@@ -17,6 +17,7 @@ Laws:
   1-process checkpoint resumed by 2 FSDP processes.)
 """
 
+import gc
 import json
 import os
 import socket
@@ -45,7 +46,7 @@ CONFIGS = {
     "attention": dict(layer_pattern=("attention", "mlp"), router="switch"),
 }
 TRAIN = dict(router="switch", aux_loss_coef=0.0)
-BIG = dict(d_model=384, n_layer=16, n_experts=8, d_expert=768, vocab_size=1024)  # 61M parameters, 245 MB
+BIG = dict(d_model=384, n_layer=32, n_experts=8, d_expert=768, vocab_size=1024)  # 129M parameters, 516 MB
 STEPS, SAVE_AT, BATCH, SEQ = 6, 3, 4, 32
 
 
@@ -118,6 +119,11 @@ def worker(rank, world, port, out):
     if rank == 0:
         with open(f"{out}/result.json", "w") as f:
             json.dump(result, f)
+    # Free what holds the process group (FSDP modules hold it through reference cycles) while the
+    # interpreter is alive: left to interpreter shutdown, gloo's threads aborted the process now and then.
+    del model, optimizer, mesh
+    gc.collect()
+    dist.barrier()
     dist.destroy_process_group()
 
 
@@ -154,11 +160,11 @@ def test_each_process_holds_well_under_the_full_model(two_processes):
         model = Model(ModelConfig.from_preset("tiny", **BIG))
     full_bytes = sum(p.numel() for p in model.parameters()) * 4
     unit_bytes = max(sum(p.numel() for p in m.parameters()) * 4 for m in [*model.layers, model.embedding])
-    assert full_bytes > 200e6
+    assert full_bytes > 400e6
     assert r["local_bytes"] == pytest.approx(full_bytes / 2, rel=0.01)
     # its shard, plus the one unit (a layer, or the embedding) held whole while it is drawn
     shown = f"peak RSS rose {r['rss_increase'] / 1e6:.0f} MB on rank 0; the full model is {full_bytes / 1e6:.0f} MB"
-    assert r["rss_increase"] < r["local_bytes"] + unit_bytes + 16e6, shown
+    assert r["rss_increase"] < r["local_bytes"] + unit_bytes + 32e6, shown  # + allocator slack (seen up to 20 MB)
     assert r["rss_increase"] < 0.7 * full_bytes, shown
 
 
