@@ -523,7 +523,8 @@ def main(argv=None) -> int:
                                       note=f"Nothing checked: {reason}. Run it on a GPU, or --device cpu --quick"))
         print(f"gpu_check: skipped, {reason}; summary in {out}/summary.md (a dry run: --device cpu --quick)")
         return 0
-    info["device"] = torch.cuda.get_device_name(0) if args.device.startswith("cuda") else "cpu (Triton interpreter)"
+    cuda = args.device.startswith("cuda")
+    info["device"] = torch.cuda.get_device_name(torch.device(args.device)) if cuda else "cpu (Triton interpreter)"
 
     planned = {s: planned_rows(s, args.device, args.quick) for s in args.sections}
 

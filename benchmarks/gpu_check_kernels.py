@@ -121,7 +121,7 @@ def section_env(ctx):
         m["from_checkout"] = all(str(REPO) in os.path.abspath(mod.__file__) for mod in
                                  (minimamba_moe, minimamba_moe.fast, minimamba_moe.reference))
         if ctx.cuda:
-            p = torch.cuda.get_device_properties(0)
+            p = torch.cuda.get_device_properties(torch.device(ctx.device))
             m.update(device=p.name, capability=f"sm_{p.major}{p.minor}", memory_gib=round(p.total_memory / 2**30, 1))
         m["triton_interpret"] = os.environ.get("TRITON_INTERPRET", "0")
         import numpy

@@ -232,6 +232,16 @@ def section_train(ctx):
             lazy["work"] = Path(tempfile.mkdtemp(prefix="gpu_check_train_"))
         return lazy["work"]
 
+    def corpus():
+        """One text file of this checkout's .py and .md sources (~1.5 MB): train.py's default data, the
+        Python standard library's .py files, need not exist on the GPU machine; the checkout does."""
+        path = work() / "corpus.txt"
+        if not path.exists():
+            files = sorted(f for pattern in ("*.py", "*.md") for f in REPO.rglob(pattern)
+                           if not any(part.startswith(".") for part in f.relative_to(REPO).parts))
+            path.write_text("\n".join(f.read_text(encoding="utf-8", errors="replace") for f in files), encoding="utf-8")
+        return path
+
     def flags(**kw):
         """--key=value for the long-standing settings, plus the optional ones train.py --help still lists."""
         if "help" not in lazy:
@@ -244,12 +254,13 @@ def section_train(ctx):
         out = work() / preset
         args = flags(preset=preset, max_steps=steps, out_dir=out, device=ctx.device,
                      dtype="bfloat16" if ctx.cuda else "float32", batch_size=b, seq_len=l, eval_interval=steps,
-                     tokenizer="bytes", data_cache=work() / "data_cache", eval_batches=2, grad_accum=1,
+                     tokenizer="bytes", data=corpus(), data_cache=work() / "data_cache", eval_batches=2, grad_accum=1,
                      progress="false", threads=0 if ctx.cuda else 2, **extra)
         proc = checked(run_script("train.py", args, ctx.deadline - time.monotonic()), "train.py " + " ".join(args))
         records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if x.strip()]
         m = train_metrics(records)
         m["peak_mem_GiB"] = peak_mem(proc)
+        m["data_MB"] = corpus().stat().st_size / 1e6  # this checkout's sources, not the stdlib's
         m.update(mfu(out, l, m["tokens_per_s"]))
         m["ok"] = all(math.isfinite(r["loss"]) for r in records if "loss" in r)
         return m
@@ -263,7 +274,7 @@ def section_train(ctx):
         fpt = flops_per_token(read_config(out)[0], seq_len, training=True)
         fpt = float(getattr(fpt, "total", fpt))  # a FlopCount (forward x 3 in training), or a number
         achieved = fpt * tokens_per_s if isinstance(tokens_per_s, (int, float)) else math.nan
-        name = torch.cuda.get_device_name(0) if ctx.cuda else "cpu"
+        name = torch.cuda.get_device_name(torch.device(ctx.device)) if ctx.cuda else "cpu"
         peak = next((v for k, v in PEAK_BF16.items() if k in name), None)
         return dict(flops_per_token=fpt, model_TFLOPs=achieved / 1e12,
                     mfu=achieved / peak if peak else f"n/a (no nominal peak for {name})")
