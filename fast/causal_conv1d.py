@@ -15,10 +15,20 @@ Glossary (as in the reference):
 Computed in float32 (float64 if an input is float64), returned in x.dtype.
 """
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 
 from minimamba_moe.reference.checks import check_causal_conv1d, check_causal_conv1d_update, compute_dtype
+
+
+def _autocast_off(x):
+    """Autocast off on x's device: these ops compute in float32 as the reference does, where autocast
+    would run F.conv1d and einsum in bf16."""
+    device = x.device.type
+    available = torch.amp.is_autocast_available(device)  # not on the meta device
+    return torch.autocast(device, enabled=False) if available else contextlib.nullcontext()
 
 
 def causal_conv1d(x, weight, bias=None, conv_state=None, activation=None):
@@ -47,7 +57,8 @@ def causal_conv1d(x, weight, bias=None, conv_state=None, activation=None):
         xpad = torch.cat([conv_state[..., 1:].to(f), x.to(f)], dim=-1)  # (b, d, l + k - 1)
     # groups=d: channel c is convolved with weight[c] alone; F.conv1d is a cross-correlation, so
     # out[t] = Σ_j weight[c, j] xpad[t + j], the reference's sum.
-    out = F.conv1d(xpad, weight.to(f)[:, None, :], None if bias is None else bias.to(f), groups=d)  # (b, d, l)
+    with _autocast_off(x):
+        out = F.conv1d(xpad, weight.to(f)[:, None, :], None if bias is None else bias.to(f), groups=d)  # (b, d, l)
     if activation == "silu":
         out = F.silu(out)
     return out.to(x.dtype)
@@ -77,7 +88,8 @@ def causal_conv1d_update(x, conv_state, weight, bias=None, activation=None):
     conv_state[..., -1] = x  # the newest input goes last
 
     f = compute_dtype(x, conv_state, weight, bias)
-    out = torch.einsum("bdk,dk->bd", conv_state.to(f), weight.to(f))  # (b, d)
+    with _autocast_off(x):
+        out = torch.einsum("bdk,dk->bd", conv_state.to(f), weight.to(f))  # (b, d)
     if bias is not None:
         out = out + bias.to(f)
     if activation == "silu":

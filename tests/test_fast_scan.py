@@ -261,6 +261,20 @@ def test_causal_conv_update_equals_reference(seed, shape, has_bias, activation):
     assert torch.equal(s_fast, s_ref), "conv state not updated like the reference's"
 
 
+def test_causal_conv_is_float32_under_autocast_like_the_reference():
+    """Both docstrings say float32: autocast would run the fast path's F.conv1d in bf16 (~1e-2 off)."""
+    g = torch.Generator().manual_seed(0)
+    x, w, bias = torch.randn(2, 64, 100, generator=g), torch.randn(64, 4, generator=g), torch.randn(64, generator=g)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, out_r = causal_conv1d(x, w, bias, None, "silu"), reference.causal_conv1d(x, w, bias, None, "silu")
+        state = torch.randn(2, 64, 4, generator=g)
+        step, step_r = (f(x[..., 0], state.clone(), w, bias, "silu") for f in (causal_conv1d_update,
+                                                                               reference.causal_conv1d_update))
+    assert out.dtype == out_r.dtype == step.dtype == torch.float32
+    assert_close(out, out_r, atol=1e-5, rtol=1e-5, what="conv out under autocast")
+    assert_close(step, step_r, atol=1e-5, rtol=1e-5, what="conv step under autocast")
+
+
 def test_conv_errors_match_reference():
     x, w = torch.randn(2, 3, 5), torch.randn(3, 4)
     for args in [(x, w[:2]), (x, w, torch.randn(2)), (x, w, None, torch.randn(2, 3, 3))]:
