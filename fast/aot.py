@@ -20,7 +20,9 @@ the tests use on CPU, cannot show:
               (program ids times i32 sizes and strides), which would wrap past that
 
 Registers need no check: at num_warps <= 8 even 255 registers a thread fit an SM's 64K. Each line
-printed gives a variant's shared memory and compile seconds: the GPU run JIT-compiles the same
+printed gives a variant's shared memory, its registers per thread and spill bytes (stores, loads:
+local memory traffic when 255 registers are not enough) as ``ptxas -v`` reports them for that arch,
+reported, not checked (the scan backward spills today), and compile seconds: the GPU run JIT-compiles the same
 variants on first use, so their sum estimates that cost. ``--quick`` compiles one variant per
 (kernel, pointer dtypes, constexprs, options) and the rest by their launches' grid and size checks
 only; the test suite uses it to stay within its time (the full run is for before a GPU session).
@@ -32,7 +34,10 @@ from __future__ import annotations
 import argparse
 import inspect
 import os
+import re
+import subprocess
 import sys
+import tempfile
 import time
 
 from .launch_capture import Launch, capture
@@ -88,8 +93,44 @@ def source(launch: Launch):
                      AttrsDescriptor.from_hints(hints))
 
 
-def compile_variant(launch: Launch, arch: int) -> tuple[int, float]:
-    """Compile for sm_<arch> -> (shared memory bytes, seconds); raises if no cubin comes out."""
+def ptxas_usage(ptx: str, arch: int, fp_fusion=True) -> dict:
+    """Registers per thread and spill bytes of ``ptx`` for sm_<arch> as ``ptxas -v`` reports them:
+    -> {regs, spill_stores, spill_loads}. Triton's own ptxas run (make_cubin) passes -v too but
+    keeps the log only when it compiles (not on a cache hit), so this runs the same bundled ptxas
+    again on the PTX Triton produced, with make_cubin's flags that change the allocation: the
+    --gpu-name (sm_90a for 90), --fmad=false without fp fusion, and --regAllocOptLevel=2 where the
+    installed Triton passes it (a ptxas 13 workaround; it moves the scan backward's spills by ~7 %)."""
+    from triton.backends.nvidia import compiler as nv
+
+    if hasattr(nv, "get_ptxas"):  # Triton >= 3.5: a per-arch ptxas (the Blackwell one for >= 90)
+        ptxas = nv.get_ptxas(arch).path
+    elif hasattr(nv, "knobs"):  # Triton 3.3, 3.4
+        ptxas = nv.knobs.nvidia.ptxas.path
+    else:  # Triton 3.2
+        ptxas = nv._path_to_binary("ptxas")[0]
+    gpu = nv.sm_arch_from_capability(arch) if hasattr(nv, "sm_arch_from_capability") else f"sm_{arch}"
+    flags = ["-lineinfo", "-v"] + ([] if fp_fusion else ["--fmad=false"])
+    flags += ["--regAllocOptLevel=2"] if "regAllocOptLevel=2" in inspect.getsource(nv.CUDABackend.make_cubin) else []
+    with tempfile.TemporaryDirectory() as tmp:
+        src = os.path.join(tmp, "k.ptx")
+        with open(src, "w") as f:
+            f.write(ptx)
+        log = subprocess.run([ptxas, *flags, f"--gpu-name={gpu}", src, "-o", src + ".o"], capture_output=True,
+                             text=True, check=True).stderr
+    return parse_ptxas_log(log)
+
+
+def parse_ptxas_log(log: str) -> dict:
+    """``ptxas -v``'s "N bytes spill stores, M bytes spill loads" and "Used R registers" -> dict."""
+    regs = re.search(r"Used (\d+) registers", log)
+    spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)
+    if regs is None or spills is None:
+        raise RuntimeError(f"ptxas -v printed no register or spill figures:\n{log[-2000:]}")
+    return dict(regs=int(regs[1]), spill_stores=int(spills[1]), spill_loads=int(spills[2]))
+
+
+def compile_variant(launch: Launch, arch: int) -> tuple[int, float, dict]:
+    """Compile for sm_<arch> -> (shared memory bytes, seconds, ptxas_usage); raises if no cubin comes out."""
     import triton
     from triton.backends.compiler import GPUTarget
 
@@ -98,7 +139,8 @@ def compile_variant(launch: Launch, arch: int) -> tuple[int, float]:
     seconds = time.perf_counter() - t0
     if not compiled.asm.get("cubin"):
         raise RuntimeError(f"{launch.name}: no cubin for sm_{arch}")
-    return int(compiled.metadata.shared), seconds
+    fp_fusion = getattr(compiled.metadata, "enable_fp_fusion", True)
+    return int(compiled.metadata.shared), seconds, ptxas_usage(compiled.asm["ptx"], arch, fp_fusion)
 
 
 def describe(launch: Launch) -> str:
@@ -122,7 +164,7 @@ def run(archs=ARCHS, quick=False, out=None) -> list[str]:
         for group in groups.values():
             launch = group[0]
             try:
-                shared, seconds = compile_variant(launch, arch)
+                shared, seconds, use = compile_variant(launch, arch)
             except Exception as e:  # a compiler error is a finding, not a crash of the check
                 problems.append(f"{describe(launch)} sm_{arch}: {type(e).__name__}: {str(e)[:2000]}")
                 continue
@@ -131,7 +173,8 @@ def run(archs=ARCHS, quick=False, out=None) -> list[str]:
                 problems.append(f"{p} ({describe(launch)})")
             numel = max((n for g in group for n in g.numel.values()), default=0)
             grid = tuple(max(g.grid[i] for g in group) for i in range(3))
-            print(f"sm_{arch} {describe(launch)} | shared {shared} B of {SHARED_LIMIT[arch]} | {seconds:.2f} s | "
+            print(f"sm_{arch} {describe(launch)} | shared {shared} B of {SHARED_LIMIT[arch]} | regs {use['regs']}, "
+                  f"spill stores {use['spill_stores']} B, loads {use['spill_loads']} B | {seconds:.2f} s | "
                   f"{len(group)} launches, grid max {grid}, numel max {numel} | e.g. {launch.op}", file=out, flush=True)
     print(f"{len(launches)} launches, {len(groups)} variants x {len(archs)} archs compiled in {total:.1f} s; "
           f"{len(problems)} problems", file=sys.stderr)

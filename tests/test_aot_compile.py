@@ -6,6 +6,7 @@ checker itself is held to planted violations, and the capture's specialisation r
 """
 
 import os
+import re
 import subprocess
 import sys
 from types import SimpleNamespace
@@ -62,6 +63,9 @@ def test_captured_launches_compile_for_sm80_and_sm90(launches):
         assert p.returncode == 0, f"AOT check for sm_{arch} failed:\n{out}\n{err[-6000:]}"
         lines = out.strip().splitlines()
         assert len(lines) == expected and all(f"sm_{arch} " in line for line in lines), out
+        # ptxas -v's figures for every variant: registers > 0, spills integers >= 0 (reported, not bounded)
+        usage = [re.search(r"\| regs (\d+), spill stores (\d+) B, loads (\d+) B \|", line) for line in lines]
+        assert all(u is not None and int(u[1]) > 0 for u in usage), out
 
 
 def fake(grid=(1, 1, 1), numel=None):
@@ -90,13 +94,24 @@ def test_checker_flags_shared_memory_over_the_opt_in_limit(arch, limit):
 def test_run_reports_planted_violations(monkeypatch):
     """run() wires the checks: a planted grid and a planted shared-memory figure both come out."""
     monkeypatch.setattr(aot, "capture", lambda: [fake((1, 70000, 1))])
-    monkeypatch.setattr(aot, "compile_variant", lambda launch, arch: (300000, 0.01))
+    monkeypatch.setattr(aot, "compile_variant",
+                        lambda launch, arch: (300000, 0.01, dict(regs=40, spill_stores=0, spill_loads=0)))
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     lines = []
     problems = aot.run((80, 90), out=SimpleNamespace(write=lines.append, flush=lambda: None))
     assert sum("70000" in p for p in problems) == 1, problems
     assert sum("300000 B" in p for p in problems) == 2, problems  # one per arch
     assert sum("sm_" in line for line in lines) == 2, lines
+
+
+def test_ptxas_log_is_parsed():
+    log = ("ptxas info    : Compiling entry function '_scan_bwd_kernel' for 'sm_90a'\n"
+           "ptxas info    : Function properties for _scan_bwd_kernel\n"
+           "    1560 bytes stack frame, 1596 bytes spill stores, 1540 bytes spill loads\n"
+           "ptxas info    : Used 255 registers, used 1 barriers, 1560 bytes cumulative stack size\n")
+    assert aot.parse_ptxas_log(log) == dict(regs=255, spill_stores=1596, spill_loads=1540)
+    with pytest.raises(RuntimeError, match="no register"):
+        aot.parse_ptxas_log("ptxas fatal : unknown option")
 
 
 def _kernel(x_ptr, n, s, BLOCK: tl.constexpr):
