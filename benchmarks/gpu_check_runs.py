@@ -22,6 +22,7 @@ from gpu_check_kernels import cast, moe_case, scan_inputs
 
 # Nominal dense bf16 peak (no sparsity) for MFU, by device-name substring; the measured matmul is reported too.
 PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 70e12, "L4": 121e12}
+SWEEP_S = 30.0  # the scan tile sweep's own time box: each new tile compiles two kernels (~2-4 s each)
 
 
 def bench(fn, cuda, budget_s=0.5, min_reps=3, max_reps=20, cold_ok=False):
@@ -59,7 +60,9 @@ def section_speed(ctx):
     import torch
 
     from minimamba_moe import fast, reference
+    from minimamba_moe.fast.launch_capture import SCAN_TILES
     from minimamba_moe.fast.moe_cpu import MoEExpertsCPU
+    from minimamba_moe.fast.scan_triton import selective_scan_triton
 
     cuda, dev = ctx.cuda, ctx.device
     base = {}
@@ -149,6 +152,22 @@ def section_speed(ctx):
         with torch.set_grad_enabled(backward):
             return timed(fns, flops=flops)
 
+    sweep = {}  # the scan tile sweep's end time and the default tile's ms
+
+    def scan_tile(b, d, l, block_l, block_d):
+        """selective_scan_triton fwd+bwd with one (block_l, block_d) tile; ms and the default tile's ms / this."""
+        end = sweep.setdefault("end", time.monotonic() + SWEEP_S)
+        if time.monotonic() > end:
+            return dict(skip=f"the scan tile sweep's time box of {SWEEP_S:.0f} s ran out before this tile")
+        kw = {k: v.requires_grad_(True) if v is not None else None
+              for k, v in cast(scan_inputs(0, b, d, 16, l, device=dev), bf16, dev).items()}
+        leaves = [v for v in kw.values() if v is not None]
+        g = torch.randn_like(kw["u"])  # dLoss/dout, (b, d, l) like u
+        t = bench(lambda: torch.autograd.grad(selective_scan_triton(
+            **kw, delta_softplus=True, block_l=block_l, block_d=block_d)[0], leaves, g), cuda)[0]
+        sweep.setdefault("default_ms", t * 1e3)  # the first tile is the default
+        return dict(ms=t * 1e3, x_vs_default=sweep["default_ms"] / (t * 1e3))  # > 1: this tile is faster
+
     def sinkhorn(T, E, init, stopping):
         logits = torch.randn(T, E, device=dev)
         P, n = fast.sinkhorn(logits, init, stopping)
@@ -173,6 +192,12 @@ def section_speed(ctx):
     for T, E, init, stopping in [(64, 4, "blackmamba", "absolute")] if q else [
             (16384, 8, "blackmamba", "absolute"), (16384, 8, "uniform", "marginal")]:
         yield check(f"sinkhorn T={T} E={E} {init}/{stopping}", sinkhorn, T, E, init, stopping)
+    # Scan tile sweep (last; SWEEP_S): (block_l, block_d) for the forward and backward kernels alike, the
+    # default first; the alternatives are fast/launch_capture.py's SCAN_TILES, chosen by ptxas's registers.
+    b, d, l = (1, 4, 32) if q else (4, 2944, 2048)
+    for block_l, block_d in [(None, None)] + ([(16, 2), (8, 4)] if q else list(SCAN_TILES)):
+        tile = "default" if block_l is None else f"block_l={block_l} block_d={block_d}"
+        yield check(f"scan tile {tile} fwd+bwd b={b} d_inner={d} l={l}", scan_tile, b, d, l, block_l, block_d)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -193,6 +193,12 @@ def sinkhorn_case(T, E, dtype, init, stopping):
 # gpu_check_runs (b 8 / 4 at the papers' sizes); h0 and g_last both ways: prefill, training, gpu_check
 SCANS = [(2, 5, 37, (4, 2)), (1, 3, 40, None), (3, 64, 100, None), (1, 2304, 2048, None), (1, 2944, 2048, None),
          (8, 2304, 2048, None), (4, 2944, 2048, None)]
+# (block_l, block_d) tiles gpu_check's speed section times against the default (32, 16) at b=4,
+# d_inner=2944, l=2048, bf16 (forward and backward alike). ptxas -v (Triton 3.9, sm_90; python -m
+# minimamba_moe.fast.aot) for the backward at (32, 16): 255 registers, 1.7 KB spill stores a thread;
+# these spill 0 B (regs bwd/fwd): (32, 8) 255/168, (8, 16) 222/94, (16, 8) 178/95; (16, 16) 255/128
+# spills 132 B. Larger tiles spill more ((64, 8) ~1.7 KB, (16, 32) ~2.1 KB).
+SCAN_TILES = [(32, 8), (16, 16), (16, 8), (8, 16)]
 STEPS = [(2, 40), (1, 2304), (8, 2944)]  # (b, d_inner): section_step, sample.py's decoding
 # (T, d, f, E, k, activation, backward): gpu_check's small cases and presets (blackmamba-1.5b/2.8b,
 # moe-mamba-25m/100m), gpu_check_runs' T = 16384 / 8192, top-2, geglu, and decoding (T = batch, no backward)
@@ -216,6 +222,9 @@ def cases():
                 for g_last in (False, True):
                     out.append((f"scan {name} b={b} d={d} l={l} h0={h0} g_last={g_last}", scan_case,
                                 (b, d, l, dt, h0, g_last, block)))
+        if dt == torch.bfloat16:  # as gpu_check's speed section runs the sweep: no h0, no last-state gradient
+            out += [(f"scan {name} b=4 d=2944 l=2048 tile={tile}", scan_case, (4, 2944, 2048, dt, False, False, tile))
+                    for tile in SCAN_TILES]
         out += [(f"step {name} b={b} d={d}", step_case, (b, d, dt)) for b, d in STEPS]
         out += [(f"moe {name} T={T} d={d} f={f} E={E} top-{k} {act}" + ("" if g else " fwd"), moe_case,
                  (T, d, f, E, k, act, dt, g)) for T, d, f, E, k, act, g in MOES]

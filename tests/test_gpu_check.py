@@ -110,6 +110,28 @@ def test_a_failing_check_is_recorded_and_the_next_one_still_runs(tmp_path):
     assert gpu_check.skipped_for_time(gpu_check.read_rows(results)[-1])
 
 
+def test_the_scan_tile_sweep_skips_its_tiles_past_its_own_time_box(tmp_path, monkeypatch):
+    """Each tile compiles new kernels on the GPU: past SWEEP_S the rest are skipped, for lack of time."""
+    monkeypatch.setattr(gpu_check_runs, "SWEEP_S", -1.0)
+    results = tmp_path / "rows.jsonl"
+    ctx = gpu_check.Ctx("speed", "cpu", True, float("inf"), results)
+    tiles = [c for c in gpu_check.section_plan(ctx) if c.name.startswith("scan tile")]
+    assert len(tiles) == 3 and tiles[0].name.startswith("scan tile default")
+    for c in tiles:
+        ctx.check(c.name, c.fn, *c.args, **c.kwargs)
+    rows = gpu_check.read_rows(results)
+    assert len(rows) == 3 and all(gpu_check.skipped_for_time(r) and "sweep" in r["metrics"]["reason"] for r in rows)
+
+
+def test_the_swept_scan_tiles_are_in_the_aot_capture():
+    """gpu_check times SCAN_TILES at b=4, d_inner=2944, l=2048 in bf16; the AOT check compiles them."""
+    pytest.importorskip("triton")
+    from minimamba_moe.fast.launch_capture import SCAN_TILES, cases, scan_case
+
+    captured = {args[-1] for _, fn, args in cases() if fn is scan_case and args[:4] == (4, 2944, 2048, torch.bfloat16)}
+    assert set(SCAN_TILES) <= captured and len(SCAN_TILES) >= 3
+
+
 def test_a_section_plan_lists_every_check_before_running_any(tmp_path):
     """Ctx.run writes every check as not run first (what stands if the section is killed), then runs them."""
     results = tmp_path / "rows.jsonl"
@@ -134,7 +156,8 @@ def test_the_parent_lists_each_sections_checks_without_running_them():
         assert rows and all(r["section"] == section and r["status"] == "skip" for r in rows), rows
         assert not any(r["name"] == "section" for r in rows), rows  # the plan was built, not replaced by one row
     names = [r["name"] for r in gpu_check.planned_rows("speed", "cuda", False)]
-    assert "moe fwd+bwd blackmamba-1.5b T=16384 d=1152 f=3072 E=8" in names and len(names) == 16
+    assert "moe fwd+bwd blackmamba-1.5b T=16384 d=1152 f=3072 E=8" in names and len(names) == 21
+    assert "scan tile block_l=32 block_d=8 fwd+bwd b=4 d_inner=2944 l=2048" in names
     assert len(gpu_check.planned_rows("scan", "cuda", False)) == 10 and not any(
         "need a GPU" in str(r["metrics"]) for r in gpu_check.planned_rows("scan", "cuda", False))
 
@@ -396,6 +419,8 @@ def test_cpu_dry_run_of_speed_train_and_sample(tmp_path):
     data = dry_run(tmp_path, "speed,train,sample")
     names = {r["name"]: r["metrics"] for r in data["rows"]}
     assert names["device-to-device copy"]["GBps"] > 0
+    tiles = [m for name, m in names.items() if name.startswith("scan tile")]
+    assert len(tiles) == 3 and tiles[0]["x_vs_default"] == 1.0 and all(m["ms"] > 0 for m in tiles)
     assert names["tiny preset"]["tokens_per_s"] > 0
     assert names["tiny preset"]["data_MB"] > 0.5  # trained on the checkout's own sources, present on any machine
     assert names["decode after 256 prompt tokens"]["decode_ms_per_token"] > 0
