@@ -92,6 +92,7 @@ RESERVE = dict(train=60, sample=45)
 MIN_BOX = 5.0  # a section with less time than this is not started
 STATUSES = ("pass", "fail", "error", "skip")
 NOT_RUN = "not run"  # the reason of a planned check's placeholder row starts with this
+BOX_RAN_OUT = "the section's time box ran out before this check"
 # The oldest versions supported: pyproject.toml states the same (tests/test_gpu_check.py holds them equal).
 # torch 2.6: torch.distributed.fsdp.fully_shard (train.py --fsdp), nn.RMSNorm. triton 3.2: the oldest whose
 # interpreter passes the kernel tests (3.0 fails them). Checked on CPU: torch 2.6.0 + triton 3.2.0 pass the
@@ -223,8 +224,7 @@ class Ctx:
         (the row that stands if the section is killed before reaching it), then run in order."""
         plan = list(plan)
         for item in plan:
-            self.emit(item if isinstance(item, dict) else
-                      not_run(self.section, item.name, "the section's time box ran out before this check"))
+            self.emit(item if isinstance(item, dict) else not_run(self.section, item.name, BOX_RAN_OUT))
         for item in plan:
             if not isinstance(item, dict):
                 self.check(item.name, item.fn, *item.args, **item.kwargs)
@@ -234,7 +234,7 @@ class Ctx:
         import torch
 
         if time.monotonic() > self.deadline:
-            return self.emit(not_run(self.section, name, "the section's time box ran out before this check"))
+            return self.emit(not_run(self.section, name, BOX_RAN_OUT))
         t0 = time.monotonic()
         # If the section is killed during this check, this row stands (the parent keeps a name's last row).
         self.emit(row(self.section, name, "error", error="did not finish: the section was killed at its time box"))
@@ -340,6 +340,11 @@ def is_placeholder(r) -> bool:
     return r["status"] == "skip" and str(r["metrics"].get("reason", "")).startswith(NOT_RUN)
 
 
+def unreached(section, rows, why) -> list[dict]:
+    """rows, each check still a placeholder now marked not run for ``why``."""
+    return [not_run(section, r["name"], why) if is_placeholder(r) else r for r in rows]
+
+
 def finish(section, run: Running, planned: list[dict], killed: str | None = None, why: str | None = None) -> list[dict]:
     """The section's rows once its process has ended: its own, and its unreached checks with ``why`` (by
     default: its time box if it was ``killed``, else its process's early exit)."""
@@ -351,8 +356,8 @@ def finish(section, run: Running, planned: list[dict], killed: str | None = None
         why, problem = "the section's process exited before this check", f"section process exited {code}"
     else:
         why = problem = None
-    rows = [not_run(section, r["name"], why) if why and is_placeholder(r) else r
-            for r in merge(planned, read_rows(run.results))]
+    rows = merge(planned, read_rows(run.results))
+    rows = unreached(section, rows, why) if why else rows
     if problem:
         rows.append(row(section, "section process", "error", time.monotonic() - run.started,
                         error=f"{problem}; its output ends with:\n{tail}"))
@@ -394,7 +399,7 @@ def run_plan(args, planned: dict, write: Callable, launcher=launch, poll_s=0.5, 
                 box = time_box(s, plan, time.monotonic(), deadline)
                 if box < MIN_BOX:
                     why = f"the run's --budget of {args.budget:.0f} s was spent before this section started"
-                    done[s] = [not_run(s, r["name"], why) if is_placeholder(r) else r for r in planned[s]]
+                    done[s] = unreached(s, planned[s], why)
                     continue
                 running[s] = launcher(s, args, args.tmp, box)
             if time.monotonic() - last_write > write_every_s:
@@ -412,8 +417,7 @@ def run_plan(args, planned: dict, write: Callable, launcher=launch, poll_s=0.5, 
                              why="the run was interrupted before this check")
         rows = snapshot()
         for s in waiting:
-            rows[s] = [not_run(s, r["name"], "the run was interrupted before this section") if is_placeholder(r)
-                       else r for r in planned[s]]
+            rows[s] = unreached(s, planned[s], "the run was interrupted before this section")
         write(rows, f"interrupted ({e!r}): the sections after the interruption did not run")
         raise
     return snapshot()
