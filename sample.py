@@ -27,14 +27,14 @@ import time
 
 import torch
 
-from minimamba_moe.checkpoint import DEFAULT_OUT_DIR, CheckpointError, load_model, read_config, recover_interrupted_save
-from minimamba_moe.cli import MAX_THREADS, run_main, set_threads
 from minimamba_moe.config import BACKENDS, ConfigError
-from minimamba_moe.convert import (ACTIVATIONS, DEFAULT_ACTIVATION, check_out_dir, load_zyphra, save_converted,
-                                   stored_tokenizer_spec)
-from minimamba_moe.generate import StreamDecoder, generate_tokens
-from minimamba_moe.memory import MemoryCheckError, check_fits, inference_memory
-from minimamba_moe.tokenizer import TokenizerError, load_tokenizer
+from minimamba_moe.run.checkpoint import DEFAULT_OUT_DIR, CheckpointError, load_model, read_config, recover_interrupted_save
+from minimamba_moe.run.cli import MAX_THREADS, run_main, set_threads
+from minimamba_moe.interop.convert import (ACTIVATIONS, DEFAULT_ACTIVATION, check_out_dir, load_zyphra, save_converted,
+                                           stored_tokenizer_spec)
+from minimamba_moe.generate import generate_tokens
+from minimamba_moe.run.memory import MemoryCheckError, check_fits, inference_memory
+from minimamba_moe.run.tokenizer import StreamDecoder, TokenizerError, load_tokenizer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

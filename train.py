@@ -13,8 +13,8 @@ Writes into out_dir: model.safetensors + config.json (what sample.py reads), tra
 step, RNG, settings: what --resume reads) and metrics.jsonl (one JSON record per step / evaluation).
 With --fsdp under torchrun, the training state is sharded/ instead (torch.distributed.checkpoint: each
 process writes its shard; --resume reads it onto any number of processes), and model.safetensors is
-written at the end a tensor at a time (or at any time by `python -m minimamba_moe.distributed export`).
-The settings are defined, typed and range-checked once, in minimamba_moe/settings.py.
+written at the end a tensor at a time (or at any time by `python -m minimamba_moe.run.distributed export`).
+The settings are defined, typed and range-checked once, in minimamba_moe/run/settings.py.
 
 Errors print one line on stderr (--debug: the traceback) and exit with 2 for a bad setting, 1 for
 anything else. Nothing in out_dir changes before the settings are checked; a step whose loss or
@@ -38,19 +38,19 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from minimamba_moe import Model
-from minimamba_moe.checkpoint import (CONFIG, TRAIN_STATE, WEIGHTS, CheckpointError, atomic_write, config_text,
-                                      file_digest, load_train_state, load_weights, read_config,
-                                      recover_interrupted_save, save_checkpoint)
-from minimamba_moe.cli import run_main, set_threads
+from minimamba_moe.run.checkpoint import (CONFIG, TRAIN_STATE, WEIGHTS, CheckpointError, atomic_write, config_text,
+                                          file_digest, load_train_state, load_weights, read_config,
+                                          recover_interrupted_save, save_checkpoint)
 from minimamba_moe.config import PRESETS, ConfigError
-from minimamba_moe.data import Batches, DataError, prepare_data
-from minimamba_moe.distributed import (SHARDED, build_model, device_mesh, export_weights, load_full_weights,
-                                       load_sharded, read_state, save_sharded)
-from minimamba_moe.memory import MemoryCheckError, check_fits, n_params, training_memory
-from minimamba_moe.plan import format_plan, make_plan, mfu
-from minimamba_moe.settings import (DEFAULT_OUT_DIR, TrainSettings, UsageError, check_seq_len, help_text, merge,
-                                    model_config, read_given)
-from minimamba_moe.tokenizer import TokenizerError, load_tokenizer
+from minimamba_moe.run.cli import run_main, set_threads
+from minimamba_moe.run.data import Batches, DataError, prepare_data
+from minimamba_moe.run.distributed import (SHARDED, build_model, device_mesh, export_weights, load_full_weights,
+                                           load_sharded, read_state, save_sharded)
+from minimamba_moe.run.memory import MemoryCheckError, check_fits, n_params, training_memory
+from minimamba_moe.run.plan import format_plan, make_plan, mfu
+from minimamba_moe.run.settings import (DEFAULT_OUT_DIR, TrainSettings, UsageError, check_seq_len, help_text, merge,
+                                        model_config, read_given)
+from minimamba_moe.run.tokenizer import TokenizerError, load_tokenizer
 
 # FSDP2 warns that the logits are a view (the padded vocab is sliced off); nothing here modifies them in place.
 warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")

@@ -24,8 +24,8 @@ import torch
 from common import (FAMILIES, LABELS, Trainer, add_data_args, add_model_args, base_parser, describe,
                     equal_active_configs, machine, plot, prepare, table, timer, write_json)
 
-from minimamba_moe.data import Batches
 from minimamba_moe.flops import flops_per_token
+from minimamba_moe.run.data import Batches
 
 
 def main():

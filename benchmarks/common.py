@@ -6,7 +6,7 @@ training loop on the embedded corpus, and the table / JSON / PNG output.
     evaluate(...)               mean validation cross-entropy on fixed windows
     table / write_json / plot   output (matplotlib is optional and imported only to draw)
 
-Data: the Python standard library's own sources, byte tokenizer (``minimamba_moe.data``), so
+Data: the Python standard library's own sources, byte tokenizer (``minimamba_moe.run.data``), so
 everything runs offline; ``--data`` points at any local text file or folder instead.
 """
 
@@ -28,10 +28,10 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
 
 from minimamba_moe.config import ModelConfig  # noqa: E402
-from minimamba_moe.data import Batches, prepare_data  # noqa: E402
 from minimamba_moe.flops import flops_per_token  # noqa: E402
 from minimamba_moe.model import Model, count_params  # noqa: E402
-from minimamba_moe.tokenizer import ByteTokenizer  # noqa: E402
+from minimamba_moe.run.data import Batches, prepare_data  # noqa: E402
+from minimamba_moe.run.tokenizer import ByteTokenizer  # noqa: E402
 
 FAMILIES = ("mamba_moe", "mamba", "transformer", "transformer_moe")
 LABELS = {"mamba_moe": "Mamba+MoE", "mamba": "Mamba", "transformer": "Transformer",

@@ -60,7 +60,7 @@ def section_speed(ctx):
     import torch
 
     from minimamba_moe import fast, reference
-    from minimamba_moe.fast.launch_capture import SCAN_TILES
+    from minimamba_moe.fast.aot.launch_capture import SCAN_TILES
     from minimamba_moe.fast.moe_cpu import MoEExpertsCPU
     from minimamba_moe.fast.scan_triton import selective_scan_triton
 
@@ -193,7 +193,7 @@ def section_speed(ctx):
             (16384, 8, "blackmamba", "absolute"), (16384, 8, "uniform", "marginal")]:
         yield check(f"sinkhorn T={T} E={E} {init}/{stopping}", sinkhorn, T, E, init, stopping)
     # Scan tile sweep (last; SWEEP_S): (block_l, block_d) for the forward and backward kernels alike, the
-    # default first; the alternatives are fast/launch_capture.py's SCAN_TILES, chosen by ptxas's registers.
+    # default first; the alternatives are fast/aot/launch_capture.py's SCAN_TILES, chosen by ptxas's registers.
     b, d, l = (1, 4, 32) if q else (4, 2944, 2048)
     for block_l, block_d in [(None, None)] + ([(16, 2), (8, 4)] if q else list(SCAN_TILES)):
         tile = "default" if block_l is None else f"block_l={block_l} block_d={block_d}"
@@ -292,8 +292,8 @@ def section_train(ctx):
 
     def mfu(out, seq_len, tokens_per_s):
         try:
-            from minimamba_moe.checkpoint import read_config
             from minimamba_moe.flops import flops_per_token
+            from minimamba_moe.run.checkpoint import read_config
         except ImportError as e:
             return dict(mfu=f"n/a ({e})")
         fpt = flops_per_token(read_config(out)[0], seq_len, training=True)
@@ -314,7 +314,7 @@ def section_sample(ctx):
     import torch
 
     from minimamba_moe import Model, ModelConfig
-    from minimamba_moe.checkpoint import save_model
+    from minimamba_moe.run.checkpoint import save_model
 
     lazy = {}
     q = ctx.quick

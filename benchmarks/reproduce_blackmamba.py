@@ -33,8 +33,8 @@ import torch
 from common import (FAMILIES, LABELS, add_data_args, add_model_args, add_training_args, base_parser, describe,
                     equal_active_configs, imbalance, machine, plot, prepare, spread, table, train, write_json)
 
-from minimamba_moe.data import Batches
 from minimamba_moe.flops import flops_per_token
+from minimamba_moe.run.data import Batches
 
 
 @torch.no_grad()

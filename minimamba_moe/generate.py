@@ -1,9 +1,8 @@
-"""Autoregressive generation: sampling rules, the token loop, and streaming text to a terminal.
+"""Autoregressive generation: sampling rules and the token loop.
 
     sample_token(logits, temperature, top_k, top_p)    one token per row of (b, vocab) logits
     generate_tokens(model, prompt_ids, ...)            yields one (b,) tensor of new tokens at a time
     generate(model, prompt_ids, ...)                   the whole (b, l + n) sequence at once
-    StreamDecoder(tokenizer)                           token ids in, printable text out
 
 Two ways to get the next-token logits, which must agree (tests/test_sample.py holds them equal):
 
@@ -17,13 +16,11 @@ Two ways to get the next-token logits, which must agree (tests/test_sample.py ho
 
 from __future__ import annotations
 
-import codecs
 from collections.abc import Iterator
 
 import torch
 
 from .model import InferenceState, Model
-from .tokenizer import HFTokenizer
 
 
 def sample_token(
@@ -123,44 +120,3 @@ def state_nbytes(state: InferenceState) -> int:
         if layer is not None:
             total += sum(t.numel() * t.element_size() for t in vars(layer).values() if torch.is_tensor(t))
     return total
-
-
-class StreamDecoder:
-    """Turn token ids, fed one at a time, into text that is safe to print as it comes.
-
-    A token may end in the middle of a UTF-8 character (often, with the byte tokenizer; sometimes,
-    with byte-level BPE such as GPT-2's and GPT-NeoX's). Decoding it alone would print U+FFFD, so:
-
-    - tokenizers that give a token's exact bytes (bytes, tiktoken) feed them to an incremental
-      UTF-8 decoder, which holds an unfinished character back until its last byte arrives; the
-      printed text is exactly ``tokenizer.decode(all tokens)``;
-    - a Hugging Face tokenizer only gives text, so tokens wait in ``pending`` while their decoding
-      ends in U+FFFD, at most 4 of them (the longest UTF-8 character is 4 bytes).
-    """
-
-    MAX_PENDING = 4
-
-    def __init__(self, tokenizer):
-        self.tokenizer = tokenizer
-        self.exact_bytes = not isinstance(tokenizer, HFTokenizer)  # its decode_bytes goes through text
-        self.utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        self.pending: list[int] = []
-
-    def push(self, token: int) -> str:
-        """Add one token; return the text that is now complete ("" while a character is unfinished)."""
-        if self.exact_bytes:
-            return self.utf8.decode(self.tokenizer.decode_bytes([int(token)]))
-        self.pending.append(int(token))
-        text = self.tokenizer.decode(self.pending)
-        if text.endswith("\ufffd") and len(self.pending) < self.MAX_PENDING:
-            return ""
-        self.pending = []
-        return text
-
-    def flush(self) -> str:
-        """Whatever is still held back, decoded as it is."""
-        if self.exact_bytes:
-            return self.utf8.decode(b"", final=True)
-        text = self.tokenizer.decode(self.pending) if self.pending else ""
-        self.pending = []
-        return text

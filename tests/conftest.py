@@ -10,7 +10,7 @@ Hypothesis profiles, picked with the environment variable ``HYPOTHESIS_PROFILE``
 import os
 
 # Without a GPU, Triton kernels can only run in its interpreter, which must be chosen before
-# triton is first imported. (fast/aot.py compiles the same kernels for real GPUs in a subprocess.)
+# triton is first imported. (fast/aot/check.py compiles the same kernels for real GPUs in a subprocess.)
 import torch
 
 if not torch.cuda.is_available():

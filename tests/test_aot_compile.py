@@ -1,6 +1,6 @@
-"""What fast/'s launchers launch compiles ahead of time for sm_80 and sm_90 and fits (see fast/aot.py).
+"""What fast/'s launchers launch compiles ahead of time for sm_80 and sm_90 and fits (see fast/aot/check.py).
 
-The launches are captured on meta tensors (fast/launch_capture.py); the compile runs in
+The launches are captured on meta tensors (fast/aot/launch_capture.py); the compile runs in
 subprocesses without TRITON_INTERPRET (the interpreter, chosen at import, cannot compile). The
 checker itself is held to planted violations, and the capture's specialisation rules to Triton's.
 """
@@ -18,8 +18,8 @@ pytest.importorskip("triton")
 import torch  # noqa: E402
 import triton.language as tl  # noqa: E402
 
-from minimamba_moe.fast import aot  # noqa: E402
-from minimamba_moe.fast.launch_capture import Arg, Launch, capture, kernels, specialize, step_case  # noqa: E402
+from minimamba_moe.fast.aot import check as aot  # noqa: E402
+from minimamba_moe.fast.aot.launch_capture import Arg, Launch, capture, kernels, specialize, step_case  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""A training checkpoint survives a kill at any point of a save (minimamba_moe/checkpoint.py).
+"""A training checkpoint survives a kill at any point of a save (minimamba_moe/run/checkpoint.py).
 
 save_checkpoint renames three files one after another. A kill is simulated by making the n-th
 ``os.replace`` raise, which leaves the folder exactly as a kill -9 at that moment would (the
@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from minimamba_moe import Model, ModelConfig
-from minimamba_moe.checkpoint import (load_train_state, load_weights, model_tensors, recover_interrupted_save,
-                                      save_checkpoint)
+from minimamba_moe.run.checkpoint import (load_train_state, load_weights, model_tensors, recover_interrupted_save,
+                                          save_checkpoint)
 
 
 class Killed(Exception):
@@ -94,7 +94,7 @@ def test_a_completed_save_leaves_only_the_checkpoint(tmp_path):
 def test_saved_files_are_ordinary_files_readable_by_others(tmp_path):
     """Both writers (save_model, save_checkpoint) write under a private mkstemp name; the files they
     leave are 0o644 like any other file (a checkpoint shared on a cluster must be readable)."""
-    from minimamba_moe.checkpoint import save_model
+    from minimamba_moe.run.checkpoint import save_model
 
     first, _ = models()
     save_model(first, tmp_path / "model", tokenizer="bytes")
@@ -107,7 +107,7 @@ def test_checksums_work_without_hashlib_file_digest(tmp_path, monkeypatch):
     """requires-python is >=3.10; hashlib.file_digest is 3.11+: saving and loading must not need it."""
     import hashlib
 
-    from minimamba_moe.checkpoint import load_model, save_model
+    from minimamba_moe.run.checkpoint import load_model, save_model
 
     monkeypatch.delattr(hashlib, "file_digest", raising=False)
     first, _ = models()
@@ -118,7 +118,7 @@ def test_checksums_work_without_hashlib_file_digest(tmp_path, monkeypatch):
 
 
 def test_load_model_in_bfloat16_keeps_A_log_and_D_in_float32(tmp_path):
-    from minimamba_moe.checkpoint import load_model, save_model
+    from minimamba_moe.run.checkpoint import load_model, save_model
 
     first, _ = models()
     save_model(first, tmp_path, tokenizer="bytes")
@@ -133,7 +133,7 @@ def test_load_model_in_bfloat16_keeps_A_log_and_D_in_float32(tmp_path):
 
 
 def test_a_flipped_byte_is_named_by_the_loader(tmp_path):
-    from minimamba_moe.checkpoint import CheckpointError, load_model
+    from minimamba_moe.run.checkpoint import CheckpointError, load_model
 
     first, _ = models()
     save(tmp_path, first, 1)
@@ -147,7 +147,7 @@ def test_a_flipped_byte_is_named_by_the_loader(tmp_path):
 
 
 def test_non_finite_weights_are_never_saved(tmp_path):
-    from minimamba_moe.checkpoint import CheckpointError
+    from minimamba_moe.run.checkpoint import CheckpointError
 
     first, second = models()
     save(tmp_path, first, 1)
@@ -159,8 +159,27 @@ def test_non_finite_weights_are_never_saved(tmp_path):
 
 
 def test_a_file_given_for_the_checkpoint_folder_is_named_as_such(tmp_path):
-    from minimamba_moe.checkpoint import CheckpointError, read_config
+    from minimamba_moe.run.checkpoint import CheckpointError, read_config
 
     (tmp_path / "config.json").write_text("{}")
     with pytest.raises(CheckpointError, match=f"is a file: give the checkpoint's folder \\({tmp_path}\\)"):
         read_config(tmp_path / "config.json")
+
+
+def test_a_checkpoint_written_before_the_package_was_regrouped_loads_and_gives_the_same_logits():
+    """tests/data/checkpoint_0.1.0 was written by save_model of commit 419062b (the flat package,
+    before minimamba_moe/run/ and interop/), with the logits that code computed for a fixed input."""
+    import json
+    from pathlib import Path
+
+    from minimamba_moe.run.checkpoint import load_model
+
+    folder = Path(__file__).parent / "data" / "checkpoint_0.1.0"
+    expected = json.loads((folder / "expected.json").read_text())
+    model, _ = load_model(folder)
+    with torch.no_grad():
+        logits = model.eval()(torch.tensor(expected["input_ids"])).logits
+    last = torch.tensor(expected["logits_last_row"])
+    err = (logits[0, -1] - last).abs().max().item()
+    assert err < 1e-5, f"logits of the old checkpoint moved by {err:.2e}"
+    assert abs(logits.double().sum().item() - expected["logits_sum"]) < 1e-3

@@ -16,16 +16,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from minimamba_moe.checkpoint import load_model, save_model
 from minimamba_moe.config import ModelConfig
-from minimamba_moe.convert import (
-    ConversionError,
-    convert_zyphra,
-    infer_config,
-    load_zyphra,
-    load_zyphra_state_dict,
-    zyphra_shapes,
-)
+from minimamba_moe.run.checkpoint import load_model, save_model
+from minimamba_moe.interop.convert import (
+                                           ConversionError,
+                                           convert_zyphra,
+                                           infer_config,
+                                           load_zyphra,
+                                           load_zyphra_state_dict,
+                                           zyphra_shapes,
+                                           )
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 D, N_LAYER, D_INNER, D_STATE, DT_RANK, N_EXPERTS, FFN, ROWS = 32, 4, 64, 16, 2, 4, 48, 320
@@ -263,7 +263,7 @@ def test_sample_py_zyphra_end_to_end(zyphra_file, tmp_path):
 
 
 def test_stored_tokenizer_spec(tmp_path, monkeypatch):
-    from minimamba_moe.convert import stored_tokenizer_spec
+    from minimamba_moe.interop.convert import stored_tokenizer_spec
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "tokenizer.json").write_text("{}")
@@ -336,7 +336,7 @@ def test_a_safetensors_file_is_read_by_safetensors_on_any_torch(tmp_path, monkey
 
 
 def convert_main(*args):
-    from minimamba_moe.convert import main
+    from minimamba_moe.interop.convert import main
 
     try:
         main([str(a) for a in args])
@@ -346,7 +346,7 @@ def convert_main(*args):
 
 
 def test_out_folder_holding_a_checkpoint_or_a_file_is_refused_before_reading(zyphra_file, tmp_path, monkeypatch):
-    import minimamba_moe.convert as convert
+    import minimamba_moe.interop.convert as convert
 
     monkeypatch.setattr(convert, "load_zyphra", lambda *a, **k: pytest.fail("the weights were read first"))
     run = tmp_path / "run"
@@ -362,7 +362,7 @@ def test_out_folder_holding_a_checkpoint_or_a_file_is_refused_before_reading(zyp
 
 
 def test_conversion_writes_all_or_nothing(zyphra_file, tmp_path, monkeypatch):
-    import minimamba_moe.checkpoint as checkpoint
+    import minimamba_moe.run.checkpoint as checkpoint
 
     def disk_full(*a, **k):
         raise OSError(28, "No space left on device")

@@ -1,4 +1,4 @@
-"""Data sources and the token cache (minimamba_moe/data.py): local files through `datasets`, bad rows,
+"""Data sources and the token cache (minimamba_moe/run/data.py): local files through `datasets`, bad rows,
 damaged or stale caches, a tiny validation split, and training on text without `datasets` installed.
 
 (tests/test_train.py holds the cache's reuse, its change with the corpus, and the batch sampling.)
@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from minimamba_moe.data import Batches, DataError, prepare_data
-from minimamba_moe.tokenizer import load_tokenizer
+from minimamba_moe.run.data import Batches, DataError, prepare_data
+from minimamba_moe.run.tokenizer import load_tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
 TEXT = "The quick brown fox jumps over the lazy dog. " * 100

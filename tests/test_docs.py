@@ -169,7 +169,7 @@ RUN_ELSEWHERE = {
     "python train.py": ("tests/test_train.py", "test_quick_start_writes_a_loadable_checkpoint"),
     "python train.py --resume": ("tests/test_train.py", "test_resume_continues_bitwise"),
     "python train.py --help": ("tests/test_train.py", "test_help_lists_every_setting"),
-    "python -m minimamba_moe.plot out/": ("tests/test_plot.py", "test_the_page_command_draws_the_run"),
+    "python -m minimamba_moe.run.plot out/": ("tests/test_plot.py", "test_the_page_command_draws_the_run"),
     "python benchmarks/gpu_check.py --out /tmp/gc --device cpu --quick":
         ("tests/test_gpu_check.py", "test_cpu_dry_run_end_to_end"),
     "python sample.py": ("tests/test_sample.py", "test_sample_py_default_checkpoint_stdin_and_prompt_file"),

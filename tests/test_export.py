@@ -1,4 +1,4 @@
-"""`python -m minimamba_moe.distributed export OUT_DIR` on bad input: one line, nothing written.
+"""`python -m minimamba_moe.run.distributed export OUT_DIR` on bad input: one line, nothing written.
 
 A sharded checkpoint is written in this process (``save_sharded`` without a process group, as
 tests/test_fsdp.py does), then damaged one way per case; ``main`` is the command's own entry point.
@@ -10,9 +10,9 @@ import shutil
 import pytest
 import torch
 
-from minimamba_moe.checkpoint import load_model, save_model
 from minimamba_moe.config import ModelConfig
-from minimamba_moe.distributed import build_model, main, save_sharded
+from minimamba_moe.run.checkpoint import load_model, save_model
+from minimamba_moe.run.distributed import build_model, main, save_sharded
 
 
 @pytest.fixture(scope="module")
@@ -73,6 +73,6 @@ def test_the_command_on_truncated_metadata_prints_one_line(run_dir, tmp_path):
     d = tmp_path / "run"
     shutil.copytree(run_dir, d)
     _truncate(d / "sharded" / ".metadata")
-    p = subprocess.run([sys.executable, "-m", "minimamba_moe.distributed", "export", str(d)], capture_output=True,
+    p = subprocess.run([sys.executable, "-m", "minimamba_moe.run.distributed", "export", str(d)], capture_output=True,
                        text=True, timeout=120)
     assert p.returncode == 1 and p.stderr.count("\n") == 1 and ".metadata cannot be read" in p.stderr, p.stderr

@@ -1,4 +1,4 @@
-"""FSDP2 on the meta device and DCP checkpoints (minimamba_moe/distributed.py), on 2 CPU processes with gloo.
+"""FSDP2 on the meta device and DCP checkpoints (minimamba_moe/run/distributed.py), on 2 CPU processes with gloo.
 
 Laws:
 - init: for 1 and 2 processes, the full tensors of ``build_model(config, seed)`` are bitwise those of
@@ -33,9 +33,9 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from minimamba_moe import Model, ModelConfig
-from minimamba_moe.checkpoint import CheckpointError, load_model
-from minimamba_moe.distributed import (build_model, checkpoint_activations, device_mesh, export_sharded,
-                                       export_weights, load_sharded, save_sharded, stored_names)
+from minimamba_moe.run.checkpoint import CheckpointError, load_model
+from minimamba_moe.run.distributed import (build_model, checkpoint_activations, device_mesh, export_sharded,
+                                           export_weights, load_sharded, save_sharded, stored_names)
 
 SEED = 7
 # switch routing without capacity or aux loss: each token's output depends on it alone, so a batch
@@ -263,7 +263,7 @@ def test_train_py_fsdp_checkpoint_resumes_in_one_process(tmp_path):
     assert meta["step"] == 3
     exported = load_file(halves / "model.safetensors")
     (halves / "model.safetensors").unlink()
-    run("-m", "minimamba_moe.distributed", "export", str(halves))
+    run("-m", "minimamba_moe.run.distributed", "export", str(halves))
     assert load_model(halves)[1]["step"] == 3
     again = load_file(halves / "model.safetensors")
     assert exported.keys() == again.keys() and all(torch.equal(exported[k], again[k]) for k in exported)

@@ -126,7 +126,7 @@ def test_the_scan_tile_sweep_skips_its_tiles_past_its_own_time_box(tmp_path, mon
 def test_the_swept_scan_tiles_are_in_the_aot_capture():
     """gpu_check times SCAN_TILES at b=4, d_inner=2944, l=2048 in bf16; the AOT check compiles them."""
     pytest.importorskip("triton")
-    from minimamba_moe.fast.launch_capture import SCAN_TILES, cases, scan_case
+    from minimamba_moe.fast.aot.launch_capture import SCAN_TILES, cases, scan_case
 
     captured = {args[-1] for _, fn, args in cases() if fn is scan_case and args[:4] == (4, 2944, 2048, torch.bfloat16)}
     assert set(SCAN_TILES) <= captured and len(SCAN_TILES) >= 3

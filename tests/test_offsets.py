@@ -2,7 +2,7 @@
 takes the PyTorch path instead (fast/selective_scan.py, fast/moe.py), which is correct at any size.
 
 Two laws: each launcher module's ``largest_operand`` formula equals the largest tensor its kernels
-are actually launched with (captured on meta tensors by fast/launch_capture.py, forward and
+are actually launched with (captured on meta tensors by fast/aot/launch_capture.py, forward and
 backward), and the dispatch sends a problem to Triton exactly when that formula is below 2**31.
 """
 
@@ -13,7 +13,7 @@ import torch
 
 pytest.importorskip("triton")
 
-from minimamba_moe.fast import launch_capture  # noqa: E402
+from minimamba_moe.fast.aot import launch_capture  # noqa: E402
 from minimamba_moe.fast.moe_triton import largest_operand as moe_largest  # noqa: E402
 from minimamba_moe.fast.scan_triton import largest_operand as scan_largest  # noqa: E402
 

@@ -1,4 +1,4 @@
-"""minimamba_moe/plan.py: a hand count on a small config, the activation estimate against the tensors
+"""minimamba_moe/run/plan.py: a hand count on a small config, the activation estimate against the tensors
 the model really saves for its backward, and a 2.8B plan made without allocating it."""
 
 import resource
@@ -9,8 +9,8 @@ import torch.nn.functional as F
 
 from minimamba_moe import Model, ModelConfig
 from minimamba_moe.flops import flops_per_token
-from minimamba_moe.memory import layer_activation_bytes
-from minimamba_moe.plan import format_plan, make_plan, mfu
+from minimamba_moe.run.memory import layer_activation_bytes
+from minimamba_moe.run.plan import format_plan, make_plan, mfu
 
 # d_model 64, d_inner 128, d_state 16, dt_rank 4, d_conv 4; 4 SwiGLU experts of 128; vocab 256; tied
 SMALL = dict(d_model=64, n_layer=2, layer_pattern=("mamba", "moe"), n_experts=4, d_expert=128, vocab_size=256)

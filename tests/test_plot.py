@@ -1,4 +1,4 @@
-"""`python -m minimamba_moe.plot`: a run's metrics.jsonl becomes a figure; bad input gets one line.
+"""`python -m minimamba_moe.run.plot`: a run's metrics.jsonl becomes a figure; bad input gets one line.
 
 The command shown on the Training page is run here as a subprocess on a metrics.jsonl written the
 way train.py writes it (two MoE layers of 4 experts, evaluations between steps, a torn last line as
@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from minimamba_moe.plot import imbalance, main, read_metrics
+from minimamba_moe.run.plot import imbalance, main, read_metrics
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -34,7 +34,7 @@ def write_run(folder: Path, steps=40, torn=True) -> Path:
 
 def plot(*args):
     env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    return subprocess.run([sys.executable, "-m", "minimamba_moe.plot", *map(str, args)], cwd=ROOT, env=env,
+    return subprocess.run([sys.executable, "-m", "minimamba_moe.run.plot", *map(str, args)], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=120)
 
 
@@ -53,7 +53,7 @@ def test_imbalance_is_max_over_mean():
 def test_the_page_command_draws_the_run(tmp_path):
     pytest.importorskip("matplotlib", reason="matplotlib is not installed: pip install -e '.[plots]'")
     run = write_run(tmp_path / "out")
-    r = plot(run)  # the Training page's command: python -m minimamba_moe.plot out/
+    r = plot(run)  # the Training page's command: python -m minimamba_moe.run.plot out/
     assert r.returncode == 0, r.stderr
     png = run / "run.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000, r.stdout
@@ -90,7 +90,7 @@ def test_bad_input_gets_one_line(tmp_path, capsys, content, needle):
     err = capsys.readouterr().err
     lines = err.strip().splitlines()
     assert rc == 2 and len(lines) == 1 and needle in lines[0], err
-    assert lines[0].startswith("python -m minimamba_moe.plot: error: ")
+    assert lines[0].startswith("python -m minimamba_moe.run.plot: error: ")
     assert not (run / "run.png").exists()
 
 

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from minimamba_moe import Model, ModelConfig
-from minimamba_moe.checkpoint import DEFAULT_OUT_DIR, load_model, save_model
-from minimamba_moe.generate import StreamDecoder, generate, generate_tokens, sample_token, state_nbytes
-from minimamba_moe.tokenizer import load_tokenizer
+from minimamba_moe.generate import generate, generate_tokens, sample_token, state_nbytes
+from minimamba_moe.run.checkpoint import DEFAULT_OUT_DIR, load_model, save_model
+from minimamba_moe.run.tokenizer import StreamDecoder, load_tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -240,7 +240,7 @@ def test_one_thread_policy_for_training_and_sampling(ckpts, capsys):
     """sample.py and train.py share choose_threads: 1 CPU thread for a small model unless told otherwise."""
     sys.path.insert(0, ROOT)
     import sample
-    from minimamba_moe.cli import choose_threads, run_main
+    from minimamba_moe.run.cli import choose_threads, run_main
 
     assert choose_threads(0, "cpu", 10**6) == 1 and choose_threads(3, "cpu", 10**6) == 3
     assert choose_threads(0, "cpu", 10**9) is None and choose_threads(0, "cuda", 10**6) is None

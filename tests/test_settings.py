@@ -1,4 +1,4 @@
-"""train.py's settings (minimamba_moe/settings.py), drawn by Hypothesis: valid -> accepted as given,
+"""train.py's settings (minimamba_moe/run/settings.py), drawn by Hypothesis: valid -> accepted as given,
 invalid -> UsageError, with nothing read or written.
 
 Each draw is one setting with a value inside its range or choices, or one that is not: zero,
@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import train  # noqa: E402
-from minimamba_moe.settings import FIELDS, TrainSettings, UsageError, configure  # noqa: E402
+from minimamba_moe.run.settings import FIELDS, TrainSettings, UsageError, configure  # noqa: E402
 
 NUMERIC = [k for k, f in FIELDS.items() if f.type in ("int", "float")]
 CHOICES = [k for k, f in FIELDS.items() if f.metadata["choices"]]

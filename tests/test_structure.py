@@ -1,5 +1,7 @@
 """The design, held by tests: the import graph runs model -> ops -> reference | fast with no circle,
-only the package is importable as the package, and every op has one signature and one docstring.
+what runs the model (run/) and what talks to other projects (interop/) import the model and never
+the other way, only the package is importable as the package, and every op has one signature and
+one docstring.
 
 The graph is read from the source (ast), not from sys.modules, so an edge hidden inside a function
 counts too. Module names are the installed ones: reference/x.py is ``minimamba_moe.reference.x``.
@@ -16,8 +18,11 @@ from minimamba_moe import fast, reference
 from minimamba_moe.ops import OP_NAMES
 
 ROOT = Path(__file__).resolve().parent.parent
-PACKAGES = {"minimamba_moe": ROOT / "minimamba_moe", "minimamba_moe.reference": ROOT / "reference",
-            "minimamba_moe.fast": ROOT / "fast"}
+PACKAGES = {"minimamba_moe": ROOT / "minimamba_moe", "minimamba_moe.run": ROOT / "minimamba_moe" / "run",
+            "minimamba_moe.interop": ROOT / "minimamba_moe" / "interop", "minimamba_moe.reference": ROOT / "reference",
+            "minimamba_moe.fast": ROOT / "fast", "minimamba_moe.fast.aot": ROOT / "fast" / "aot"}
+# The package top is the model and only the model, in the order the docs teach it.
+MODEL_MODULES = ["config", "ops", "mamba", "moe", "attention", "model", "generate", "flops"]
 
 
 def modules() -> dict[str, Path]:
@@ -96,6 +101,32 @@ def test_the_model_reaches_the_kernels_only_through_ops():
         kernels = [t for t in targets if t.startswith(("minimamba_moe.reference", "minimamba_moe.fast"))]
         allowed = ["minimamba_moe.reference.checks"] if name == "minimamba_moe.config" else []  # the choice lists
         assert kernels == allowed, f"{name} imports {kernels}: the model calls kernels through minimamba_moe.ops"
+
+
+def test_every_package_folder_is_listed():
+    """A new sub-package must be added to PACKAGES (and pyproject.toml), or its imports go unchecked."""
+    for folder in {ROOT / "minimamba_moe", ROOT / "reference", ROOT / "fast"}:
+        for init in folder.rglob("__init__.py"):
+            assert init.parent in PACKAGES.values(), f"{init.parent.relative_to(ROOT)} is not in PACKAGES"
+
+
+def test_the_package_top_holds_the_model_and_only_the_model():
+    top = sorted(f.stem for f in (ROOT / "minimamba_moe").glob("*.py") if f.stem != "__init__")
+    assert top == sorted(MODEL_MODULES), (
+        f"minimamba_moe/ holds {top}; the model's modules are {MODEL_MODULES}: what runs the model goes "
+        "in minimamba_moe/run/, what talks to other projects in minimamba_moe/interop/")
+
+
+def test_imports_run_one_way_model_then_run_then_interop():
+    """model <- run <- interop: a module imports only from its own layer or the layers before it."""
+    layer = {"minimamba_moe.run": 1, "minimamba_moe.interop": 2}
+
+    def rank(name):
+        return next((r for prefix, r in layer.items() if name == prefix or name.startswith(prefix + ".")), 0)
+
+    wrong = [f"{name} -> {t}" for name, targets in GRAPH.items() for t in targets if rank(t) > rank(name)]
+    assert not wrong, ("imports the wrong way (the model imports nothing from run/ or interop/, run/ nothing "
+                       "from interop/): " + ", ".join(wrong))
 
 
 def test_no_project_import_is_hidden_inside_a_function():

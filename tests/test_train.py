@@ -35,8 +35,8 @@ TRAIN = str(ROOT / "train.py")
 sys.path.insert(0, str(ROOT))
 
 import train  # noqa: E402  (train.py is importable: its work happens under __main__)
-from minimamba_moe.checkpoint import load_model  # noqa: E402
-from minimamba_moe.settings import FIELDS, MODEL_FIELDS, TrainSettings, UsageError, configure  # noqa: E402
+from minimamba_moe.run.checkpoint import load_model  # noqa: E402
+from minimamba_moe.run.settings import FIELDS, MODEL_FIELDS, TrainSettings, UsageError, configure  # noqa: E402
 
 SMALL = ["--d_model=32", "--n_layer=2", "--d_expert=32", "--seq_len=32", "--eval_batches=1", "--threads=1",
          "--progress=false", "--backend=reference"]
@@ -205,8 +205,8 @@ def test_no_decay_group_is_exactly_norms_biases_A_log_D_and_dt_bias(preset):
 
 # --- data, in process ----------------------------------------------------------------------------
 def test_local_text_folder_is_tokenized_once(tmp_path):
-    from minimamba_moe.data import prepare_data
-    from minimamba_moe.tokenizer import load_tokenizer
+    from minimamba_moe.run.data import prepare_data
+    from minimamba_moe.run.tokenizer import load_tokenizer
 
     corpus = tmp_path / "corpus"
     corpus.mkdir()
@@ -230,8 +230,8 @@ def test_local_text_folder_is_tokenized_once(tmp_path):
 
 
 def test_local_dataset_file_with_gpt2_ranks(tmp_path):
-    from minimamba_moe.data import DataError, prepare_data
-    from minimamba_moe.tokenizer import load_tokenizer
+    from minimamba_moe.run.data import DataError, prepare_data
+    from minimamba_moe.run.tokenizer import load_tokenizer
 
     ranks = Path("/work/shared/data/gpt2.tiktoken")
     if not ranks.is_file():
@@ -248,8 +248,8 @@ def test_local_dataset_file_with_gpt2_ranks(tmp_path):
 
 
 def test_batches_split_one_global_batch_over_micro_batches_and_ranks(tmp_path):
-    from minimamba_moe.data import Batches, prepare_data
-    from minimamba_moe.tokenizer import load_tokenizer
+    from minimamba_moe.run.data import Batches, prepare_data
+    from minimamba_moe.run.tokenizer import load_tokenizer
 
     corpus = tmp_path / "t.txt"
     corpus.write_text("".join(chr(97 + i % 26) for i in range(5000)))

@@ -32,8 +32,8 @@ sys.path.insert(0, str(ROOT))
 
 import sample  # noqa: E402
 import train  # noqa: E402
-from minimamba_moe.checkpoint import load_model  # noqa: E402
-from minimamba_moe.cli import run_main  # noqa: E402
+from minimamba_moe.run.checkpoint import load_model  # noqa: E402
+from minimamba_moe.run.cli import run_main  # noqa: E402
 
 SMALL = ["--d_model=32", "--n_layer=2", "--d_expert=32", "--seq_len=32", "--eval_batches=1", "--threads=1",
          "--progress=false", "--backend=reference"]
@@ -366,7 +366,7 @@ def test_kill_at_each_phase_of_a_save_then_resume_and_sample(tmp_path, cache, st
 
 
 def test_no_test_hook_in_production_code():
-    for script in (TRAIN, SAMPLE, ROOT / "minimamba_moe" / "checkpoint.py"):
+    for script in (TRAIN, SAMPLE, ROOT / "minimamba_moe" / "run" / "checkpoint.py"):
         text = Path(script).read_text()
         assert "MINIMAMBA_TEST" not in text and "sleep(" not in text, script
 
@@ -425,7 +425,7 @@ def test_sample_bad_inputs_get_one_line(tmp_path, trained, capsys, monkeypatch):
 
 
 def test_library_loader_names_a_damaged_file(tmp_path, trained):
-    from minimamba_moe.checkpoint import CheckpointError
+    from minimamba_moe.run.checkpoint import CheckpointError
     folder = copy_run(trained, tmp_path / "flipped")
     flip_a_byte(folder / "model.safetensors")
     with pytest.raises(CheckpointError, match="model.safetensors does not match the SHA-256"):

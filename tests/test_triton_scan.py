@@ -3,7 +3,7 @@
 Without a GPU these run in Triton's interpreter (tests/conftest.py sets TRITON_INTERPRET=1), on
 CPU tensors, in float32, with small shapes and small tiles (chunks of 4 positions, blocks of 2
 channels) so that chunk and channel-block boundaries are crossed on tiny problems; one test uses
-the launcher's real tile sizes. fast/aot.py (tests/test_aot_compile.py) compiles the same kernels
+the launcher's real tile sizes. fast/aot/check.py (tests/test_aot_compile.py) compiles the same kernels
 for sm_80 / sm_90 with the real sizes.
 
 Tolerance: float32 kernels against the reference run in float64 on the same values: 1e-4 of the

@@ -2,7 +2,7 @@
 
     python docs/tutorial/train_steps.py memory
 
-The numbers are train.py's own estimate (minimamba_moe/memory.py), counted on the meta device in
+The numbers are train.py's own estimate (minimamba_moe/run/memory.py), counted on the meta device in
 milliseconds: nothing is allocated. tests/test_docs.py runs the command and checks that the page
 shows its output.
 """
@@ -10,8 +10,8 @@ shows its output.
 import argparse
 
 from minimamba_moe import ModelConfig
-from minimamba_moe.memory import GiB, inference_memory, n_params, training_memory
-from minimamba_moe.settings import PRESET_TRAINING, TrainSettings
+from minimamba_moe.run.memory import GiB, inference_memory, n_params, training_memory
+from minimamba_moe.run.settings import PRESET_TRAINING, TrainSettings
 
 
 def size(n: int) -> str:

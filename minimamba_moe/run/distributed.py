@@ -25,7 +25,7 @@ are not cast), as ``residual_in_fp32`` asks.
 
 A sharded checkpoint is a DCP folder: each process writes its own shards (``__<rank>_0.distcp``)
 and rank 0 the metadata and ``state.json`` (step, settings). It is written under a temporary name
-and renamed into place, so a kill leaves the previous one. ``python -m minimamba_moe.distributed
+and renamed into place, so a kill leaves the previous one. ``python -m minimamba_moe.run.distributed
 export OUT_DIR`` turns it into the model.safetensors + config.json that sample.py reads, one tensor
 at a time in one process, without a process group.
 """
@@ -58,8 +58,8 @@ from torch.utils.checkpoint import checkpoint
 
 from .checkpoint import (CONFIG, WEIGHTS, CheckpointError, atomic_write, check_finite, config_text, file_digest,
                          read_config)
-from .config import ModelConfig
-from .model import Block, Model, make_norm
+from minimamba_moe.config import ModelConfig
+from minimamba_moe.model import Block, Model, make_norm
 
 SHARDED = "sharded"  # the DCP folder inside a run's out_dir
 STATE = "state.json"  # the step and settings, beside the DCP files
@@ -313,8 +313,8 @@ def export_sharded(folder: str | os.PathLike, config: ModelConfig, path: str | o
 
 
 def main(argv: list[str]) -> int:
-    """python -m minimamba_moe.distributed export OUT_DIR: model.safetensors + config.json from OUT_DIR/sharded."""
-    usage = "usage: python -m minimamba_moe.distributed export OUT_DIR"
+    """python -m minimamba_moe.run.distributed export OUT_DIR: model.safetensors + config.json from OUT_DIR/sharded."""
+    usage = "usage: python -m minimamba_moe.run.distributed export OUT_DIR"
     if argv in (["-h"], ["--help"]):
         print(usage)
         return 0

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .checkpoint import DEFAULT_OUT_DIR
-from .config import PRESETS, ConfigError, ModelConfig
+from minimamba_moe.config import PRESETS, ConfigError, ModelConfig
 from .cli import MAX_THREADS
 from .data import DEFAULT_CACHE_DIR
 

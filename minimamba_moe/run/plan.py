@@ -26,11 +26,11 @@ from dataclasses import dataclass
 
 import torch
 
-from .config import ModelConfig
-from .flops import flops_per_token
-from .flops import mfu as flops_mfu
+from minimamba_moe.config import ModelConfig
+from minimamba_moe.flops import flops_per_token
+from minimamba_moe.flops import mfu as flops_mfu
 from .memory import activation_bytes_per_token, training_memory
-from .model import Model, count_params
+from minimamba_moe.model import Model, count_params
 
 H100_BF16_TFLOPS = 989.0  # H100 SXM, dense bf16 (NVIDIA's datasheet: 1979 with 2:4 sparsity)
 GiB = 2**30

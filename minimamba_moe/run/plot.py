@@ -1,7 +1,7 @@
 """Plot a training run from its metrics.jsonl: the loss curves and the load of every expert.
 
-    python -m minimamba_moe.plot out/                      # writes out/run.png
-    python -m minimamba_moe.plot out/ --out run.svg        # any matplotlib format, by suffix
+    python -m minimamba_moe.run.plot out/                      # writes out/run.png
+    python -m minimamba_moe.run.plot out/ --out run.svg        # any matplotlib format, by suffix
 
 train.py writes one JSON object per line to ``<out_dir>/metrics.jsonl``: per training step
 ``step``, ``loss``, ``aux_loss``, ``lr``, ``grad_norm``, ``tokens_per_s``, and for MoE models
@@ -177,7 +177,7 @@ def plot_run(run: Path, out: Path) -> Path:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m minimamba_moe.plot", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m minimamba_moe.run.plot", description=__doc__.splitlines()[0])
     parser.add_argument("run", type=Path, help="a train.py out_dir (or its metrics.jsonl)")
     parser.add_argument("--out", type=Path, help="the figure to write (default: <run>/run.png); format by suffix")
     args = parser.parse_args(argv)
@@ -185,7 +185,7 @@ def main(argv=None) -> int:
     try:
         print(f"wrote {plot_run(args.run, out)}")
     except PlotError as e:
-        print(f"python -m minimamba_moe.plot: error: {e}", file=sys.stderr)
+        print(f"python -m minimamba_moe.run.plot: error: {e}", file=sys.stderr)
         return 2
     return 0
 

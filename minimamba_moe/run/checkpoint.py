@@ -40,8 +40,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .config import ConfigError, ModelConfig
-from .model import Model
+from minimamba_moe.config import ConfigError, ModelConfig
+from minimamba_moe.model import Model
 
 DEFAULT_OUT_DIR = "out"  # where train.py writes and sample.py reads when given no folder
 WEIGHTS = "model.safetensors"

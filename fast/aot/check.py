@@ -4,7 +4,7 @@
     python -m minimamba_moe.fast.aot 90           # only sm_90 (the test runs one process per arch)
     python -m minimamba_moe.fast.aot --quick 90   # one variant per kernel, dtype and constexprs
 
-fast/launch_capture.py runs every fast op on meta tensors at gpu_check's shapes (small ones and
+fast/aot/launch_capture.py runs every fast op on meta tensors at gpu_check's shapes (small ones and
 the papers' sizes) and as the model calls them, recording each ``kernel[grid](...)`` with its
 arguments specialised as Triton's JIT does. Launches that compile identically (same kernel,
 signature, constants, divisibility hints and options) are one variant; each is compiled here with
@@ -181,7 +181,7 @@ def run(archs=ARCHS, quick=False, out=None) -> list[str]:
     return problems
 
 
-if __name__ == "__main__":
+def main() -> None:
     parser = argparse.ArgumentParser(description="Compile and check every captured Triton launch of fast/.")
     parser.add_argument("archs", nargs="*", type=int, choices=ARCHS, help="compute capabilities (default: all)")
     parser.add_argument("--quick", action="store_true", help="one variant per kernel, dtype and constexprs")
@@ -190,3 +190,7 @@ if __name__ == "__main__":
     for problem in found:
         print("PROBLEM", problem, file=sys.stderr)
     sys.exit(1 if found else 0)
+
+
+if __name__ == "__main__":
+    main()

@@ -5,10 +5,14 @@
     path/to/file.tiktoken        GPT-2's split pattern with the BPE ranks in that file (offline)
     path/to/tokenizer.json       a Hugging Face tokenizer, e.g. GPT-NeoX's for BlackMamba
                                  (needs the optional `tokenizers` package)
+
+StreamDecoder(tokenizer) turns token ids, fed one at a time, into text safe to print as it comes
+(sample.py's streaming output).
 """
 
 from __future__ import annotations
 
+import codecs
 import os
 
 
@@ -116,3 +120,44 @@ def load_tokenizer(spec: str):
     if spec.endswith(".json"):
         return HFTokenizer(spec)
     return TiktokenTokenizer(spec)
+
+
+class StreamDecoder:
+    """Turn token ids, fed one at a time, into text that is safe to print as it comes.
+
+    A token may end in the middle of a UTF-8 character (often, with the byte tokenizer; sometimes,
+    with byte-level BPE such as GPT-2's and GPT-NeoX's). Decoding it alone would print U+FFFD, so:
+
+    - tokenizers that give a token's exact bytes (bytes, tiktoken) feed them to an incremental
+      UTF-8 decoder, which holds an unfinished character back until its last byte arrives; the
+      printed text is exactly ``tokenizer.decode(all tokens)``;
+    - a Hugging Face tokenizer only gives text, so tokens wait in ``pending`` while their decoding
+      ends in U+FFFD, at most 4 of them (the longest UTF-8 character is 4 bytes).
+    """
+
+    MAX_PENDING = 4
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.exact_bytes = not isinstance(tokenizer, HFTokenizer)  # its decode_bytes goes through text
+        self.utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self.pending: list[int] = []
+
+    def push(self, token: int) -> str:
+        """Add one token; return the text that is now complete ("" while a character is unfinished)."""
+        if self.exact_bytes:
+            return self.utf8.decode(self.tokenizer.decode_bytes([int(token)]))
+        self.pending.append(int(token))
+        text = self.tokenizer.decode(self.pending)
+        if text.endswith("\ufffd") and len(self.pending) < self.MAX_PENDING:
+            return ""
+        self.pending = []
+        return text
+
+    def flush(self) -> str:
+        """Whatever is still held back, decoded as it is."""
+        if self.exact_bytes:
+            return self.utf8.decode(b"", final=True)
+        text = self.tokenizer.decode(self.pending) if self.pending else ""
+        self.pending = []
+        return text

@@ -41,7 +41,7 @@ shapes or dtypes do not fit, or that holds a nan or inf, is refused with the dif
 The converted checkpoint goes to a new folder (or one without a checkpoint in it), written all or
 nothing: into a temporary folder first, renamed when complete.
 
-    python -m minimamba_moe.convert pytorch_model.bin --tokenizer tokenizer.json --out out-blackmamba
+    python -m minimamba_moe.interop.convert pytorch_model.bin --tokenizer tokenizer.json --out out-blackmamba
 """
 
 from __future__ import annotations
@@ -60,11 +60,11 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from .checkpoint import CONFIG, TRAIN_STATE, WEIGHTS, CheckpointError, save_model
-from .config import ACTIVATIONS as MODEL_ACTIVATIONS
-from .config import ConfigError, ModelConfig
-from .model import Model
-from .tokenizer import TokenizerError, load_tokenizer
+from minimamba_moe.config import ACTIVATIONS as MODEL_ACTIVATIONS
+from minimamba_moe.config import ConfigError, ModelConfig
+from minimamba_moe.model import Model
+from minimamba_moe.run.checkpoint import CONFIG, TRAIN_STATE, WEIGHTS, CheckpointError, save_model
+from minimamba_moe.run.tokenizer import TokenizerError, load_tokenizer
 
 ACTIVATIONS = tuple(a for a in MODEL_ACTIVATIONS if a != "relu")  # the gated ones: released experts are gated
 DEFAULT_ACTIVATION = "geglu"  # what the released inference code runs (the paper says SwiGLU)

@@ -27,8 +27,8 @@ from typing import NamedTuple
 
 import torch
 
-from .config import ModelConfig
-from .model import count_params
+from minimamba_moe.config import ModelConfig
+from minimamba_moe.model import count_params
 
 GiB = 2**30
 

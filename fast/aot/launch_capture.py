@@ -1,6 +1,6 @@
 """Record what the fast ops' Triton launchers launch, on meta tensors: no GPU, no data, no time.
 
-fast/aot.py compiles what this records, so the ahead-of-time check sees the launches the GPU will
+fast/aot/check.py compiles what this records, so the ahead-of-time check sees the launches the GPU will
 see instead of hand-written signatures that can drift from them. ``capture()`` runs every Triton op
 of fast/ (scan forward and backward, decode step, MoE forward and backward, Sinkhorn) on tensors
 of the ``meta`` device at the shapes of benchmarks/gpu_check_kernels.py and gpu_check_runs.py (small
@@ -37,10 +37,10 @@ from typing import Any, NamedTuple
 import torch
 from triton.runtime.jit import mangle_type  # present from Triton 3.2 to 3.9
 
-from .moe_triton import moe_experts_triton
-from .scan_triton import selective_scan_triton
-from .sinkhorn_triton import sinkhorn_triton
-from .state_update_triton import selective_state_update_triton
+from ..moe_triton import moe_experts_triton
+from ..scan_triton import selective_scan_triton
+from ..sinkhorn_triton import sinkhorn_triton
+from ..state_update_triton import selective_state_update_triton
 
 
 class Arg(NamedTuple):
@@ -101,9 +101,11 @@ def specialize(kernel, args, kwargs) -> tuple[dict, tuple[Arg, ...], dict]:
 def kernels() -> dict[str, Any]:
     """Every Triton kernel of fast/ (JIT functions no other JIT function calls), by name."""
     jit = {}
-    for info in pkgutil.iter_modules([os.path.dirname(__file__)]):
+    fast = os.path.dirname(os.path.dirname(__file__))  # the kernels' folder, one above this one
+    package = __package__.rsplit(".", 1)[0]
+    for info in pkgutil.iter_modules([fast]):
         try:
-            module = importlib.import_module(f"{__package__}.{info.name}")
+            module = importlib.import_module(f"{package}.{info.name}")
         except ImportError:
             continue
         for obj in vars(module).values():

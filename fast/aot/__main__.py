@@ -1,0 +1,5 @@
+"""``python -m minimamba_moe.fast.aot``: see check.py."""
+
+from .check import main
+
+main()
