@@ -10,7 +10,9 @@ Optional extras: a test that needs one is marked ``@pytest.mark.needs_extra("plo
 all of them). Where an extra is not installed (the README's set-up installs only ``dev``), the test is
 skipped with one line naming the extra and its install command; with MINIMAMBA_REQUIRE_EXTRAS=1 (as
 ``.ci/run`` sets once it has installed them) that skip is a failure. Tests never importorskip an extra's
-module themselves (tests/test_readme.py holds that), so no skip of theirs can hide a failure.
+module themselves (tests/test_readme.py holds that), so no skip of theirs can hide a failure. A test
+marked ``with_extra("plots")`` asserts one thing without the extra and more with it; it is never skipped,
+and ``.ci/run`` runs it again once the extras are installed.
 """
 
 import os
@@ -25,7 +27,7 @@ if not torch.cuda.is_available():
 import pytest  # noqa: E402
 from hypothesis import HealthCheck, settings  # noqa: E402
 
-from tests.helpers import missing_from_extra  # noqa: E402
+from tests.helpers import EXTRAS, missing_from_extra  # noqa: E402
 
 settings.register_profile(
     "ci",
@@ -51,7 +53,6 @@ torch.set_num_threads(min(2, torch.get_num_threads()))
 def why_not_here(item) -> str | None:
     """Why a test marked needs_extra cannot run here (the first extra not installed), or None."""
     for mark in item.iter_markers("needs_extra"):
-        assert mark.args, f"{item.nodeid}: needs_extra names no extra"
         for extra in mark.args:
             missing = missing_from_extra(extra)
             if missing:
@@ -60,6 +61,12 @@ def why_not_here(item) -> str | None:
 
 
 def pytest_collection_modifyitems(config, items):
+    for item in items:
+        for mark in [*item.iter_markers("needs_extra"), *item.iter_markers("with_extra")]:
+            unknown = [e for e in mark.args if e not in EXTRAS]
+            if not mark.args or unknown:
+                raise pytest.UsageError(f"{item.nodeid}: {mark.name} names no extra or an unknown one {unknown}; "
+                                        f"the extras are {sorted(EXTRAS)}")
     if os.environ.get("MINIMAMBA_REQUIRE_EXTRAS") == "1":
         return  # pytest_runtest_setup fails them instead
     for item in items:

@@ -20,6 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "benchmarks"
 sys.path.insert(0, str(BENCH))
 HAVE_MPL = importlib.util.find_spec("matplotlib") is not None
+pytestmark = pytest.mark.with_extra("plots")  # the PNG is drawn and checked only with matplotlib
 
 
 @pytest.fixture(scope="module")

@@ -87,7 +87,8 @@ def test_ci_runs_the_readme_blocks_then_the_tests_that_need_an_extra():
     lines = "\n".join(code)
     assert re.search(r'^python3 \.ci/readme_blocks\.py --torch "\$TORCH_PIN" > "\$readme_sh"$', lines, re.M)
     assert re.search(r'^bash "\$readme_sh"$', lines, re.M)
-    assert re.search(r'^MINIMAMBA_REQUIRE_EXTRAS=1 python -m pytest -q -m "needs_extra and not slow"$', lines, re.M)
+    assert re.search(r'^MINIMAMBA_REQUIRE_EXTRAS=1 python -m pytest -q -m "\(needs_extra or with_extra\) and not slow"$',
+                     lines, re.M)
     assert lines.index('bash "$readme_sh"') < lines.index("MINIMAMBA_REQUIRE_EXTRAS=1 python -m pytest")
     assert re.search(r"^set -euo pipefail$", lines, re.M)  # any failing line, pytest's exit 5 included, fails CI
 
