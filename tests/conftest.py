@@ -5,6 +5,14 @@ Hypothesis profiles, picked with the environment variable ``HYPOTHESIS_PROFILE``
 - ``ci`` (default): derandomized, few examples per property, so the suite stays fast and repeatable.
 - ``thorough``: many random examples, for a deep run before a release
   (``HYPOTHESIS_PROFILE=thorough pytest -m "slow or not slow"``).
+
+Optional extras: a test that needs one is marked ``@pytest.mark.needs_extra("plots")`` (several names:
+all of them). Where an extra is not installed (the README's set-up installs only ``dev``), the test is
+skipped with one line naming the extra and its install command; with MINIMAMBA_REQUIRE_EXTRAS=1 (as
+``.ci/run`` sets once it has installed them) that skip is a failure. Tests never importorskip an extra's
+module themselves (tests/test_readme.py holds that), so no skip of theirs can hide a failure. A test
+marked ``with_extra("plots")`` asserts one thing without the extra and more with it; it is never skipped,
+and ``.ci/run`` runs it again once the extras are installed.
 """
 
 import os
@@ -16,7 +24,10 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+import pytest  # noqa: E402
 from hypothesis import HealthCheck, settings  # noqa: E402
+
+from tests.helpers import EXTRAS, missing_from_extra  # noqa: E402
 
 settings.register_profile(
     "ci",
@@ -37,3 +48,35 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 # Two cores: keep torch from oversubscribing them when pytest runs.
 torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+def why_not_here(item) -> str | None:
+    """Why a test marked needs_extra cannot run here (the first extra not installed), or None."""
+    for mark in item.iter_markers("needs_extra"):
+        for extra in mark.args:
+            missing = missing_from_extra(extra)
+            if missing:
+                return f"needs the `{extra}` extra ({', '.join(missing)}): pip install -e '.[{extra}]'"
+    return None
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        for mark in [*item.iter_markers("needs_extra"), *item.iter_markers("with_extra")]:
+            unknown = [e for e in mark.args if e not in EXTRAS]
+            if not mark.args or unknown:
+                raise pytest.UsageError(f"{item.nodeid}: {mark.name} names no extra or an unknown one {unknown}; "
+                                        f"the extras are {sorted(EXTRAS)}")
+    if os.environ.get("MINIMAMBA_REQUIRE_EXTRAS") == "1":
+        return  # pytest_runtest_setup fails them instead
+    for item in items:
+        why = why_not_here(item)
+        if why:
+            item.add_marker(pytest.mark.skip(reason=why))  # reported at the test's own line
+
+
+@pytest.hookimpl(tryfirst=True)  # before any fixture of the test is set up
+def pytest_runtest_setup(item):
+    why = os.environ.get("MINIMAMBA_REQUIRE_EXTRAS") == "1" and why_not_here(item)
+    if why:  # otherwise the test was marked skip at collection
+        pytest.fail(f"MINIMAMBA_REQUIRE_EXTRAS=1 but this test {why}", pytrace=False)

@@ -1,6 +1,26 @@
-"""Comparison helpers shared by the tests: every mismatch reports max abs and max rel error."""
+"""Helpers shared by the tests: comparisons (every mismatch reports max abs and max rel error), and
+which optional extras of pyproject.toml are installed (for the ``needs_extra`` marker, see conftest.py)."""
+
+import importlib.util
 
 import torch
+
+# The optional extras of pyproject.toml's [project.optional-dependencies] that tests need, and the
+# modules each installs (tests/test_readme.py holds this to pyproject.toml). `dev` is the README's set-up.
+EXTRAS = {
+    "hf": ("tokenizers",),
+    "plots": ("matplotlib",),
+    "docs": ("mkdocs", "material", "mkdocstrings", "latex2mathml"),
+    "docs-test": ("playwright",),
+}
+
+
+def missing_from_extra(extra: str) -> list[str]:
+    """The modules of the optional extra ``extra`` that are not installed (none: the extra is installed).
+
+    Only presence is asked: a module that is installed but fails to import fails the test that uses it.
+    """
+    return [m for m in EXTRAS[extra] if importlib.util.find_spec(m) is None]
 
 
 def max_errors(actual: torch.Tensor, expected: torch.Tensor) -> tuple[float, float]:

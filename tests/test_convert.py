@@ -235,9 +235,10 @@ def test_saved_conversion_loads_as_our_checkpoint(zyphra_file, tmp_path):
     assert torch.equal(loaded.eval()(ids).logits, model(ids).logits)
 
 
+@pytest.mark.needs_extra("hf")
 def test_sample_py_zyphra_end_to_end(zyphra_file, tmp_path):
     """sample.py --zyphra with a GPT-NeoX-style (byte-level BPE) tokenizer.json, then the saved checkpoint."""
-    tokenizers = pytest.importorskip("tokenizers")
+    import tokenizers
     tok = tokenizers.Tokenizer(tokenizers.models.BPE())
     tok.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = tokenizers.decoders.ByteLevel()

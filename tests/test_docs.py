@@ -35,6 +35,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import missing_from_extra
+
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs"
 REPO_DIRS = ("minimamba_moe", "reference", "fast", "tests", "benchmarks", "docs")
@@ -161,10 +163,12 @@ WRITES = {"python docs/figures/make_figures.py": "--out {tmp}"}
 # Commands that would train for many minutes: run with --plan, which checks every setting and exits.
 PLANNED = {"python train.py --max_steps=1000 --d_model=256 --lr=1e-3": "--plan"}
 RUN_HERE |= set(WRITES) | set(PLANNED) | {"python train.py --preset=blackmamba-2.8b --plan --nproc=8"}
+# Commands that need an optional extra: their test is marked needs_extra (skipped, naming it, without).
+NEEDS_EXTRA = {"python docs/figures/make_figures.py": ("plots",)}
 
 # Commands run elsewhere: command -> (file that runs it, test function in it or None for a script).
 RUN_ELSEWHERE = {
-    "python -m venv .venv && . .venv/bin/activate": (".ci/run", None),
+    "python3 -m venv .venv && . .venv/bin/activate": (".ci/run", None),  # .ci/run runs the README's set-up block
     "python -m pytest -q": (".ci/run", None),
     "python train.py": ("tests/test_train.py", "test_quick_start_writes_a_loadable_checkpoint"),
     "python train.py --resume": ("tests/test_train.py", "test_resume_continues_bitwise"),
@@ -261,7 +265,7 @@ def test_every_command_on_a_page_is_run_by_a_test_or_marked():
 
 def test_every_listed_command_is_on_a_page_and_its_runner_exists():
     shown = {cmd for _, cmd, _, _ in ALL_COMMANDS}
-    stale = sorted((RUN_HERE | set(RUN_ELSEWHERE)) - shown)
+    stale = sorted((RUN_HERE | set(RUN_ELSEWHERE) | set(NEEDS_EXTRA)) - shown)
     assert not stale, f"listed in tests/test_docs.py but on no page any more: {stale}"
     for cmd, (where, test) in RUN_ELSEWHERE.items():
         source = (ROOT / where).read_text(encoding="utf-8")
@@ -282,8 +286,10 @@ def normalise(text: str) -> tuple[str, list[float]]:
 
 
 @pytest.fixture(scope="module")
-def command_runs(tmp_path_factory):
-    """Run every RUN_HERE command shown on a page, three at a time (about 30 s on 2 cores)."""
+def command_runs(tmp_path_factory, request):
+    """Run the RUN_HERE commands whose tests were selected, three at a time (all: about 30 s on 2 cores).
+
+    A command whose extra is not installed is not run: its test is skipped (needs_extra) before it asks."""
     from concurrent.futures import ThreadPoolExecutor
 
     tmp = tmp_path_factory.mktemp("commands")
@@ -295,15 +301,19 @@ def command_runs(tmp_path_factory):
         r = subprocess.run(full, shell=True, cwd=ROOT, env=env, text=True, capture_output=True, timeout=300)
         return r.returncode, r.stdout, r.stderr
 
-    cmds = sorted({c for _, c, _, _ in ALL_COMMANDS if c in RUN_HERE})
+    selected = {item.callspec.params["cmd"] for item in request.session.items
+                if getattr(item, "originalname", None) == "test_command_runs_and_prints_what_the_page_shows"}
+    cmds = sorted(c for c in selected if not any(missing_from_extra(e) for e in NEEDS_EXTRA.get(c, ())))
     with ThreadPoolExecutor(max_workers=3) as pool:
         return dict(zip(cmds, pool.map(run, cmds)))
 
 
-RUN_HERE_SHOWN = [(page, cmd, out) for page, cmd, _, out in ALL_COMMANDS if cmd in RUN_HERE]
+RUN_HERE_SHOWN = [pytest.param(page, cmd, out, id=cmd, marks=[pytest.mark.needs_extra(*NEEDS_EXTRA[cmd])]
+                               if cmd in NEEDS_EXTRA else [])
+                  for page, cmd, _, out in ALL_COMMANDS if cmd in RUN_HERE]
 
 
-@pytest.mark.parametrize("page,cmd,shown", RUN_HERE_SHOWN, ids=[c for _, c, _ in RUN_HERE_SHOWN])
+@pytest.mark.parametrize("page,cmd,shown", RUN_HERE_SHOWN)
 def test_command_runs_and_prints_what_the_page_shows(command_runs, page, cmd, shown):
     rc, stdout, stderr = command_runs[cmd]
     assert rc == 0, f"{cmd!r} ({where(page)}) exited {rc}:\n{stderr}"

@@ -10,10 +10,11 @@ For every HTML page of `mkdocs build --strict` (served from 127.0.0.1 by a threa
 - every image loads (complete, natural width > 0);
 - no `--8<--` is shown (a code include pymdownx.snippets did not expand, e.g. mis-indented).
 
-Needs the `docs` and `docs-test` extras (mkdocs, playwright) and Debian's `chromium` at
-/usr/bin/chromium (Playwright's own browser download does not work here). Without them the test
-is skipped saying which is missing; `.ci/run` installs them and sets MINIMAMBA_REQUIRE_BROWSER=1,
-which turns that skip into a failure. One browser, one page object for all pages: ~20 s.
+Needs the `docs` and `docs-test` extras (mkdocs, playwright: marked `needs_extra`, see conftest.py)
+and Debian's `chromium` at /usr/bin/chromium (Playwright's own browser download does not work here).
+Without chromium the test is skipped saying so; `.ci/run` installs it and sets
+MINIMAMBA_REQUIRE_BROWSER=1, which turns that skip into a failure. One browser, one page object for
+all pages: ~20 s.
 """
 
 import functools
@@ -34,13 +35,11 @@ CHROMIUM = os.environ.get("MINIMAMBA_CHROMIUM", "/usr/bin/chromium")
 RAW_TEX = re.compile(r"\\\(|\\\)|\\\[|\\\]|\$\$|\\(frac|sum|prod|odot|exp|log|mathrm|operatorname|text|bar|Delta|sigma)\b")
 
 
+pytestmark = pytest.mark.needs_extra("docs", "docs-test")
+
+
 def _missing():
-    """Why the test cannot run here, or None."""
-    try:
-        import mkdocs  # noqa: F401
-        import playwright.sync_api  # noqa: F401
-    except ImportError as e:
-        return f"{e.name} is not installed: pip install -e '.[docs,docs-test]'"
+    """Why the test cannot run here, or None (the extras are the marker's)."""
     if not os.access(CHROMIUM, os.X_OK):
         return f"no Chromium at {CHROMIUM}: apt-get install -y chromium"
     return None

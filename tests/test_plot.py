@@ -2,7 +2,8 @@
 
 The command shown on the Training page is run here as a subprocess on a metrics.jsonl written the
 way train.py writes it (two MoE layers of 4 experts, evaluations between steps, a torn last line as
-a killed run leaves). Needs matplotlib (the `plots` extra); skipped, saying so, without it.
+a killed run leaves). Drawing needs matplotlib (the `plots` extra): those tests are marked
+`needs_extra("plots")` and skipped, saying so, without it.
 """
 
 import json
@@ -50,8 +51,8 @@ def test_imbalance_is_max_over_mean():
     assert imbalance([3, 1]) == 1.5
 
 
+@pytest.mark.needs_extra("plots")
 def test_the_page_command_draws_the_run(tmp_path):
-    pytest.importorskip("matplotlib", reason="matplotlib is not installed: pip install -e '.[plots]'")
     run = write_run(tmp_path / "out")
     r = plot(run)  # the Training page's command: python -m minimamba_moe.run.plot out/
     assert r.returncode == 0, r.stderr
@@ -100,8 +101,8 @@ def test_bad_input_gets_one_line(tmp_path, capsys, content, needle):
     (".", "is a folder"),
     ("/proc/no/such/dir/run.png", "cannot write"),
 ], ids=["unknown-format", "no-suffix", "a-folder", "unwritable"])
+@pytest.mark.needs_extra("plots")
 def test_a_figure_that_cannot_be_written_is_one_line(tmp_path, capsys, out, needle):
-    pytest.importorskip("matplotlib", reason="matplotlib is not installed: pip install -e '.[plots]'")
     run = write_run(tmp_path / "out")
     rc = main([str(run), "--out", str(tmp_path / out) if not out.startswith("/") else out])
     err = capsys.readouterr().err

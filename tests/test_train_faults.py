@@ -34,6 +34,8 @@ import sample  # noqa: E402
 import train  # noqa: E402
 from minimamba_moe.run.checkpoint import load_model  # noqa: E402
 from minimamba_moe.run.cli import run_main  # noqa: E402
+from minimamba_moe.run.tokenizer import TokenizerError, load_tokenizer  # noqa: E402
+from tests.helpers import missing_from_extra  # noqa: E402
 
 SMALL = ["--d_model=32", "--n_layer=2", "--d_expert=32", "--seq_len=32", "--eval_batches=1", "--threads=1",
          "--progress=false", "--backend=reference"]
@@ -196,7 +198,9 @@ def train_bad_inputs(tmp, trained, cache):
         ([f"--data={tmp / 'binary.bin'}"], "is not UTF-8 text", 1, None),
         ([f"--data={tmp / 'latin1.txt'}"], "is not UTF-8 text", 1, None),
         (["--tokenizer=/etc/passwd"], "/etc/passwd is not a tiktoken BPE ranks file", 1, None),
-        ([f"--tokenizer={tmp / 'tok.json'}"], "is not a Hugging Face tokenizer.json file", 1, None),
+        # a .json tokenizer is read by the `hf` extra: without it, the line says how to install it
+        ([f"--tokenizer={tmp / 'tok.json'}"], "is not a Hugging Face tokenizer.json file" if not missing_from_extra("hf")
+         else "pip install -e '.[hf]'", 1, None),
         (["--preset=moe-mamba-25m", "--tokenizer=bytes", "--batch_size=4096"],
          "this run needs at least", 1, None),
         (["--resume", f"--out_dir={tmp / 'nothing'}"], "Cannot resume", 1, None),
@@ -240,6 +244,17 @@ def test_train_bad_inputs_get_one_line_and_change_nothing(tmp_path, trained, cac
         if "/etc/passwd" in args[0]:
             assert "root" not in err  # the file's content is not echoed
     print(f"train.py: {len(cases)} bad inputs, each one line")
+
+
+@pytest.mark.needs_extra("hf")
+def test_a_json_file_that_is_not_a_tokenizer_is_named_not_quoted(tmp_path):
+    """With the `hf` extra the .json is parsed: a file that is not a tokenizer.json gets that sentence (the
+    test above asks train.py for it where the extra is installed, and for the install line where not)."""
+    bad = tmp_path / "tok.json"
+    bad.write_bytes(b'{"secret": "do not echo"}' + bytes(range(256)))
+    with pytest.raises(TokenizerError, match=r"tok\.json is not a Hugging Face tokenizer\.json file") as e:
+        load_tokenizer(str(bad))
+    assert "secret" not in str(e.value)
 
 
 def test_train_errors_through_the_real_exit_path(tmp_path, cache):

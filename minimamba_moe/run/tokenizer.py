@@ -86,7 +86,7 @@ class HFTokenizer:
         except ImportError:
             raise TokenizerError(
                 f"{path} is a Hugging Face tokenizer file; install the optional extra to read it: "
-                "pip install 'minimamba-moe[hf]' (the `tokenizers` package)."
+                "pip install -e '.[hf]' (the `tokenizers` package)."
             ) from None
         self.name = path
         try:
