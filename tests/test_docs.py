@@ -145,6 +145,7 @@ RUN_HERE = {
     "TRITON_INTERPRET=1 python docs/tutorial/scan_steps.py cumsum",
     "TRITON_INTERPRET=1 python docs/tutorial/scan_steps.py recurrence",
     "TRITON_INTERPRET=1 python docs/tutorial/scan_steps.py combine",
+    "TRITON_INTERPRET=1 python docs/tutorial/scan_steps.py tiled",
     "TRITON_INTERPRET=1 python docs/tutorial/scan_steps.py chunked",
     "TRITON_INTERPRET=1 python docs/tutorial/scan_steps.py backward",
     "python docs/tutorial/moe_steps.py switch",
