@@ -155,6 +155,7 @@ RUN_HERE = {
     "TRITON_INTERPRET=1 python docs/tutorial/moe_steps.py triton",
     "python docs/tutorial/mamba_steps.py shapes",
     "python docs/tutorial/mamba_steps.py decode",
+    "python docs/tutorial/mamba_steps.py conv",
     "python docs/tutorial/train_steps.py memory",
 }
 # Commands that write into the repository: run with --out into a temporary folder instead.
