@@ -157,6 +157,7 @@ RUN_HERE = {
     "python docs/tutorial/mamba_steps.py decode",
     "python docs/tutorial/mamba_steps.py conv",
     "python docs/tutorial/train_steps.py memory",
+    "python docs/tutorial/sample_steps.py rules",
 }
 # Commands that write into the repository: run with --out into a temporary folder instead.
 WRITES = {"python docs/figures/make_figures.py": "--out {tmp}"}
