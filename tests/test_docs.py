@@ -156,6 +156,7 @@ RUN_HERE = {
     "python docs/tutorial/mamba_steps.py shapes",
     "python docs/tutorial/mamba_steps.py decode",
     "python docs/tutorial/mamba_steps.py conv",
+    "python docs/tutorial/moe_steps.py passes",
     "python docs/tutorial/train_steps.py memory",
     "python docs/tutorial/sample_steps.py rules",
 }
