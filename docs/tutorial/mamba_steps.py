@@ -1,7 +1,7 @@
 """The Mamba block on a CPU: its shapes, and its decode state (the companion script of docs/mamba-block.md).
 
     python docs/tutorial/mamba_steps.py shapes   # every tensor of one forward pass, with its shape
-    python docs/tutorial/mamba_steps.py conv     # the causal conv on an impulse, and fast == reference
+    python docs/tutorial/mamba_steps.py conv     # the causal conv on an impulse; fast == reference
     python docs/tutorial/mamba_steps.py decode   # prefill + one token at a time == one forward pass
 
 Runs the project's own MambaMixer (minimamba_moe/mamba.py) on the tiny preset's sizes, and its
@@ -47,19 +47,22 @@ def step_conv():
     from minimamba_moe import fast, reference
 
     # --8<-- [start:conv-run]
-    weight = torch.tensor([[0.1, 0.2, 0.3, 0.4]])  # (d=1, k=4): weight[:, -1] meets the current input
+    weight = torch.tensor([[0.1, 0.2, 0.3, 0.4]])  # (d=1, k=4): weight[:, -1] meets input t
     x = torch.zeros(1, 1, 8)  # (b, d, l)
     x[..., 3] = 1.0  # an impulse at position 3
     print("x              ", x[0, 0].tolist())
-    print("causal_conv1d  ", [round(v, 2) for v in reference.causal_conv1d(x, weight)[0, 0].tolist()])
+    out = reference.causal_conv1d(x, weight)  # (1, 1, 8)
+    print("causal_conv1d  ", [round(v, 2) for v in out[0, 0].tolist()])
     g = torch.Generator().manual_seed(0)
-    x, w, bias = torch.randn(2, 6, 50, generator=g), torch.randn(6, 4, generator=g), torch.randn(6, generator=g)
+    x, w = torch.randn(2, 6, 50, generator=g), torch.randn(6, 4, generator=g)  # (b, d, l), (d, k)
+    bias = torch.randn(6, generator=g)
     want = reference.causal_conv1d(x, w, bias, activation="silu")
     print("fast vs reference, (2, 6, 50): max |difference| =",
           err(fast.causal_conv1d(x, w, bias, activation="silu"), want))
     state = torch.zeros(2, 6, 4)  # the decode state: the last k = 4 inputs, oldest first
-    steps = torch.stack([reference.causal_conv1d_update(x[..., t], state, w, bias, activation="silu")
-                         for t in range(50)], dim=-1)
+    steps = [reference.causal_conv1d_update(x[..., t], state, w, bias, activation="silu")
+             for t in range(50)]  # 50 x (b, d)
+    steps = torch.stack(steps, dim=-1)
     print("50 single steps vs the whole sequence: max |difference| =", err(steps, want))
     # --8<-- [end:conv-run]
 

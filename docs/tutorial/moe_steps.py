@@ -136,7 +136,8 @@ def step_triton():
     # --8<-- [end:triton-run]
 
 
-STEPS = {"switch": step_switch, "sinkhorn": step_sinkhorn, "passes": step_passes, "grouping": step_grouping, "cpu": step_cpu,
+STEPS = {"switch": step_switch, "sinkhorn": step_sinkhorn, "passes": step_passes,
+         "grouping": step_grouping, "cpu": step_cpu,
          "triton": step_triton}
 
 if __name__ == "__main__":

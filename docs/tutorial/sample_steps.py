@@ -1,4 +1,4 @@
-"""Sampling, one rule at a time: what sample_token draws from (the companion script of docs/sampling.md).
+"""Sampling, one rule at a time: what sample_token draws from (companion of docs/sampling.md).
 
     python docs/tutorial/sample_steps.py rules
 
@@ -17,7 +17,7 @@ from minimamba_moe.generate import sample_token
 
 
 def by_hand(logits, temperature=1.0, top_k=None, top_p=None):
-    """The rule's distribution, from the definitions: scale, keep the k largest, keep the nucleus."""
+    """The rule's distribution from its definition: scale, keep the k largest, keep the nucleus."""
     if temperature == 0:
         return [1.0 if i == logits.index(max(logits)) else 0.0 for i in range(len(logits))]
     order = sorted(range(len(logits)), key=lambda i: -logits[i])  # most likely first

@@ -10,9 +10,10 @@ GPU, Triton's interpreter runs the kernels on CPU tensors:
     TRITON_INTERPRET=1 python docs/tutorial/scan_steps.py chunked
     TRITON_INTERPRET=1 python docs/tutorial/scan_steps.py backward
 
-Steps 1-3 are small kernels written for this tutorial (one program, one sequence); step 4a is a
-tutorial-sized version of the real kernel (many programs, many channels, chunks, masks, no
-extras); steps 4b-5 run the project's own kernels (fast/scan_triton.py, fast/scan_triton_bwd.py) against the reference
+Steps 1-3 are small kernels written for this tutorial (one program, one sequence); step 4
+(tiled) is a tutorial-sized version of the real kernel (many programs, many channels, chunks,
+masks, no extras); steps 5-6 (chunked, backward) run the project's own kernels
+(fast/scan_triton.py, fast/scan_triton_bwd.py) against the reference
 loop (reference/selective_scan.py). Every step prints what it compared and the largest error;
 tests/test_docs.py runs each command and checks that the page shows its output.
 """
@@ -82,7 +83,7 @@ def recurrence_loop(a, b):
 
 
 def recurrence_by_cumsum(a, b):
-    """The same h_t as two cumulative sums: h_t = π_t Σ_{s<=t} b_s / π_s, with π_t = a_0 a_1 ... a_t."""
+    """The same h_t as two cumulative sums: h_t = π_t Σ_{s<=t} b_s / π_s, π_t = a_0 a_1 ... a_t."""
     log_p = torch.cumsum(torch.log(a), 0)  # log π_t
     return torch.exp(log_p) * torch.cumsum(b * torch.exp(-log_p), 0)
 # --8<-- [end:recurrence]
@@ -121,7 +122,8 @@ def step_combine():
         h = torch.empty_like(b)
         recurrence_kernel[(1,)](a, b, h, L=L)
         loop = recurrence_loop(a.cpu(), b.cpu())
-        print(f"l = {L:4d}: max |Triton scan - loop| = {err(h.cpu(), loop)}, last h {h[-1].item():.4f}")
+        print(f"l = {L:4d}: max |Triton scan - loop| = {err(h.cpu(), loop)}, "
+              f"last h {h[-1].item():.4f}")
     # --8<-- [end:combine-run]
 
 
@@ -144,7 +146,8 @@ def tiled_scan_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, y_ptr, Dm, L, N,
                       BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_L: tl.constexpr):
     """y = Σ_n h C, h_t = exp(Δ_t A) h_{t-1} + Δ_t B_t u_t, h_{-1} = 0, Δ = softplus(delta).
 
-    u, delta, y (b, Dm, L); A (Dm, N); B, C (b, N, L): float32, contiguous. Grid (b, cdiv(Dm, BLOCK_D)).
+    u, delta, y (b, Dm, L); A (Dm, N); B, C (b, N, L): float32, contiguous.
+    Grid: (b, cdiv(Dm, BLOCK_D)).
     """
     pid_b, pid_d = tl.program_id(0), tl.program_id(1)  # batch row, block of channels
     offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)  # (BLOCK_D,) this program's channels
@@ -168,7 +171,8 @@ def tiled_scan_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, y_ptr, Dm, L, N,
         dBu = (dt * u)[:, None, :] * Bt[None, :, :]  # (BLOCK_D, BLOCK_N, BLOCK_L); 0 on padding
         a_cum, b_cum = tl.associative_scan((dA, dBu), axis=2, combine_fn=_combine)
         hs = a_cum * h[:, :, None] + b_cum  # (BLOCK_D, BLOCK_N, BLOCK_L) every state of the chunk
-        tl.store(y_ptr + dl, tl.sum(hs * Ct[None, :, :], axis=1), mask=mask_dl)  # y_t = Σ_n h_t C_t
+        y = tl.sum(hs * Ct[None, :, :], axis=1)  # (BLOCK_D, BLOCK_L) y_t = Σ_n h_t C_t
+        tl.store(y_ptr + dl, y, mask=mask_dl)
         h = tl.sum(tl.where(offs_l[None, None, :] == BLOCK_L - 1, hs, 0.0), axis=2)  # last column
 # --8<-- [end:tiled-kernel]
 
