@@ -16,6 +16,7 @@ import torch
 from minimamba_moe.generate import sample_token
 
 
+# --8<-- [start:by-hand]
 def by_hand(logits, temperature=1.0, top_k=None, top_p=None):
     """The rule's distribution from its definition: scale, keep the k largest, keep the nucleus."""
     if temperature == 0:
@@ -33,6 +34,7 @@ def by_hand(logits, temperature=1.0, top_k=None, top_p=None):
         keep = nucleus
     z = sum(math.exp(logits[i] / temperature) for i in keep)
     return [math.exp(logits[i] / temperature) / z if i in keep else 0.0 for i in range(len(logits))]
+# --8<-- [end:by-hand]
 
 
 def step_rules():
