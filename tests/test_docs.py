@@ -159,6 +159,7 @@ RUN_HERE = {
     "python docs/tutorial/moe_steps.py passes",
     "python docs/tutorial/train_steps.py memory",
     "python docs/tutorial/sample_steps.py rules",
+    "python docs/tutorial/verify_steps.py shrink",
 }
 # Commands that write into the repository: run with --out into a temporary folder instead.
 WRITES = {"python docs/figures/make_figures.py": "--out {tmp}"}
