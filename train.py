@@ -205,6 +205,7 @@ def no_decay_names(model) -> set[str]:
     return {n for n, p in model.named_parameters() if p.ndim < 2 or getattr(p, "_no_weight_decay", False)}
 
 
+# --8<-- [start:param_groups]
 def param_groups(model, weight_decay: float, no_decay: set[str] | None = None) -> list[dict]:
     """AdamW groups: weight decay on matrices only, none on the ``no_decay`` parameters (docs/paper-facts.md,
     "Initialization": A_log, D and biases are not decayed)."""
@@ -212,6 +213,7 @@ def param_groups(model, weight_decay: float, no_decay: set[str] | None = None) -
     params = dict(model.named_parameters())
     return [{"params": [p for n, p in params.items() if n not in no_decay], "weight_decay": weight_decay},
             {"params": [p for n, p in params.items() if n in no_decay], "weight_decay": 0.0}]
+# --8<-- [end:param_groups]
 
 
 def resume_from(out_dir: Path, state: dict, raw_model, optimizer, s: TrainSettings, procs: Processes) -> int:
@@ -243,6 +245,7 @@ def prepare(tok, tok_spec: str, s: TrainSettings, log) -> Path:
 
 
 # --- one step, evaluation, checkpoints, metrics ------------------------------------------------------
+# --8<-- [start:lr_at]
 def lr_at(step: int, s: TrainSettings) -> float:
     """Linear warmup for warmup_frac of the schedule, then cosine from lr down to lr * min_lr_ratio."""
     total = s.decay_steps or s.max_steps
@@ -252,12 +255,15 @@ def lr_at(step: int, s: TrainSettings) -> float:
     progress = min(1.0, (step - warmup) / max(1, total - warmup))
     floor = s.lr * s.min_lr_ratio
     return floor + 0.5 * (1 + math.cos(math.pi * progress)) * (s.lr - floor)
+# --8<-- [end:lr_at]
 
 
+# --8<-- [start:compute_loss]
 def compute_loss(model, x, y, dev, autocast):
     with autocast:
         out = model(x.to(dev))
     return F.cross_entropy(out.logits.float().flatten(0, 1), y.to(dev).flatten()), out
+# --8<-- [end:compute_loss]
 
 
 @torch.no_grad()
@@ -273,6 +279,7 @@ def evaluate(model, val_data: Batches, s: TrainSettings, procs: Processes, autoc
     return loss.item()
 
 
+# --8<-- [start:train_step]
 def train_step(model, raw_model, optimizer, data: Batches, step: int, s: TrainSettings, procs: Processes, autocast):
     """One optimizer step over grad_accum micro-batches: (its metrics record, whether the step was taken).
 
@@ -314,6 +321,7 @@ def train_step(model, raw_model, optimizer, data: Batches, step: int, s: TrainSe
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return record, finite
+# --8<-- [end:train_step]
 
 
 def save(out_dir: Path, raw_model, optimizer, config, s: TrainSettings, model_overrides: dict, tok_spec: str,
@@ -440,6 +448,7 @@ def main(argv):
                dynamic_ncols=True, file=sys.stdout)  # disable=None: no bar when stdout is not a terminal
     t_start = time.perf_counter()
     saved_at = start_step if s.resume else None  # the step of this run's last checkpoint
+    # --8<-- [start:loop]
     for step in range(start_step, s.max_steps):
         t0 = time.perf_counter()
         r, finite = train_step(model, raw_model, optimizer, train_data, step, s, procs, autocast)
@@ -469,6 +478,7 @@ def main(argv):
             save(out_dir, raw_model, optimizer, config, s, model_overrides, tok_spec, step + 1, procs,
                  last=step + 1 == s.max_steps)
             saved_at = step + 1
+    # --8<-- [end:loop]
     bar.close()
     log(f"checkpoint in {out_dir}/ (sample with: python sample.py {out_dir})")
     if procs.distributed:

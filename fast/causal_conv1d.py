@@ -31,6 +31,7 @@ def _autocast_off(x):
     return torch.autocast(device, enabled=False) if available else contextlib.nullcontext()
 
 
+# --8<-- [start:causal_conv1d]
 def causal_conv1d(x, weight, bias=None, conv_state=None, activation=None):
     """Depthwise causal convolution of a whole sequence.
 
@@ -62,6 +63,7 @@ def causal_conv1d(x, weight, bias=None, conv_state=None, activation=None):
     if activation == "silu":
         out = F.silu(out)
     return out.to(x.dtype)
+# --8<-- [end:causal_conv1d]
 
 
 def causal_conv1d_update(x, conv_state, weight, bias=None, activation=None):

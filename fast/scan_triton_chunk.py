@@ -27,6 +27,7 @@ def _combine(a1, b1, a2, b2):
 # --8<-- [end:combine]
 
 
+# --8<-- [start:softplus]
 @triton.jit
 def _softplus(x):
     """log(1 + e^x) in fp32 without overflow, and accurate for very negative x (Kahan's log1p)."""
@@ -34,8 +35,10 @@ def _softplus(x):
     w = 1.0 + e
     log1p_e = tl.where(w == 1.0, e, tl.log(w) * (e / (w - 1.0)))
     return tl.where(x > 20.0, x, log1p_e)
+# --8<-- [end:softplus]
 
 
+# --8<-- [start:loads]
 @triton.jit
 def _channel_block(Dm, N, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
     """This program's channels: offs_d, mask_d (BLOCK_D,); offs_n (BLOCK_N,); dn, mask_dn (BLOCK_D, BLOCK_N)."""
@@ -86,6 +89,7 @@ def _load_chunk(u_ptr, delta_ptr, B_ptr, C_ptr, bias, pid_b, offs_d, offs_n, t, 
     Bt = tl.load(B_ptr + nl, mask=mask_nl, other=0.0).to(tl.float32)
     Ct = tl.load(C_ptr + nl, mask=mask_nl, other=0.0).to(tl.float32)
     return u, dt_raw, dt, Bt, Ct, dl, mask_dl, nl, mask_nl
+# --8<-- [end:loads]
 
 
 # --8<-- [start:chunk_states]

@@ -23,6 +23,7 @@ import torch
 from .model import InferenceState, Model
 
 
+# --8<-- [start:sample_token]
 def sample_token(
     logits: torch.Tensor,
     temperature: float = 1.0,
@@ -61,6 +62,7 @@ def sample_token(
         logits = logits.masked_fill(drop, float("-inf"))
     probs = logits.softmax(dim=-1)
     return torch.multinomial(probs, num_samples=1, generator=generator)[:, 0]
+# --8<-- [end:sample_token]
 
 
 @torch.no_grad()
@@ -90,6 +92,7 @@ def generate_tokens(
     if prompt_ids.ndim != 2 or prompt_ids.shape[1] == 0:
         raise ValueError(f"prompt_ids must be (batch, length) with length >= 1, got {tuple(prompt_ids.shape)}")
     model.eval()
+    # --8<-- [start:reference_loop]
     if not use_state:  # reference: the full forward over everything so far, every time
         ids = prompt_ids
         for _ in range(max_new_tokens):
@@ -97,6 +100,8 @@ def generate_tokens(
             yield token
             ids = torch.cat([ids, token[:, None]], dim=1)
         return
+    # --8<-- [end:reference_loop]
+    # --8<-- [start:decode_loop]
     if state is None:
         state = model.init_state(prompt_ids.shape[0])
     logits = model(prompt_ids, state=state).logits[:, -1]  # prefill: one pass fills the state
@@ -105,6 +110,7 @@ def generate_tokens(
         yield token
         if i + 1 < max_new_tokens:  # the last token is never fed back
             logits = model.step(token, state)
+    # --8<-- [end:decode_loop]
 
 
 def generate(model: Model, prompt_ids: torch.Tensor, max_new_tokens: int, **kwargs) -> torch.Tensor:

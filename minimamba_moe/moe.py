@@ -134,12 +134,15 @@ class MoE(Stateless):
             if self.router.bias is not None:
                 self.router.bias.zero_()
 
+    # --8<-- [start:router_logits]
     def router_logits(self, x: torch.Tensor) -> torch.Tensor:
         """x (T, d) -> logits (T, E) fp32, computed in fp32 even under autocast (see the module doc)."""
         bias = None if self.router.bias is None else self.router.bias.float()
         with torch.autocast(x.device.type, enabled=False):
             return F.linear(x.float(), self.router.weight.float(), bias)
+    # --8<-- [end:router_logits]
 
+    # --8<-- [start:MoE_forward]
     def forward(self, x: torch.Tensor, state: None = None) -> tuple[torch.Tensor, RouterStats]:
         c = self.config
         shape = x.shape
@@ -166,6 +169,7 @@ class MoE(Stateless):
             sinkhorn_iters=iters,
         )
         return out.view(shape), stats
+    # --8<-- [end:MoE_forward]
 
 
 class MLP(Stateless):

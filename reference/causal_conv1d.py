@@ -35,6 +35,7 @@ def _activate(out, activation):
     return F.silu(out) if activation == "silu" else out
 
 
+# --8<-- [start:causal_conv1d]
 def causal_conv1d(x, weight, bias=None, conv_state=None, activation=None):
     """Depthwise causal convolution of a whole sequence.
 
@@ -65,8 +66,10 @@ def causal_conv1d(x, weight, bias=None, conv_state=None, activation=None):
     if bias is not None:
         out = out + bias.to(f)[None, :, None]
     return _activate(out, activation).to(x.dtype)
+# --8<-- [end:causal_conv1d]
 
 
+# --8<-- [start:causal_conv1d_update]
 def causal_conv1d_update(x, conv_state, weight, bias=None, activation=None):
     """One decode step: push ``x`` into ``conv_state`` (in place) and convolve the window.
 
@@ -94,3 +97,4 @@ def causal_conv1d_update(x, conv_state, weight, bias=None, activation=None):
     if bias is not None:
         out = out + bias.to(f)[None, :]
     return _activate(out, activation).to(x.dtype)
+# --8<-- [end:causal_conv1d_update]

@@ -24,9 +24,10 @@ Options (docs/paper-facts.md#router-and-sinkhorn):
 The finding about BlackMamba's "novel initialization" (docs/paper-facts.md#router-and-sinkhorn),
 stated rather than hidden: with the blackmamba init, d1 starts at 1 / (E * colsum(c)), which is O(1 / (E * T * mean(c))). Both d1_old and the updated d1 are that small,
 so their mean absolute difference is below tol = 1e-4 as soon as E * T * mean(c) is beyond about
-1e4 — i.e. for any realistic batch the released absolute rule stops after exactly one pass,
-whatever the logits. "Converges in one iteration" is then an artifact of an absolute tolerance on a
-tiny quantity, not of balance: after one pass the columns are exact but the rows can be far from
+1e4 — i.e. for a large batch with logits near 0 or above, the released absolute rule stops after
+exactly one pass, whatever their balance (a small batch, or logits well below 0 so that mean(c) is
+small, takes a few passes: docs/moe.md). "Converges in one iteration" is then an artifact of an
+absolute tolerance on a tiny quantity, not of balance: after one pass the columns are exact but the rows can be far from
 1/T, and when logits are sharp (tokens strongly agree on an expert) the routes argmax_e P[t, e]
 are less balanced than with fully converged Sinkhorn. ``stopping="marginal"`` measures what
 matters and is the rule to use for a converged answer.

@@ -147,6 +147,7 @@ RUN_HERE = {
     "TRITON_INTERPRET=1 python docs/tutorial/scan_steps.py cumsum",
     "TRITON_INTERPRET=1 python docs/tutorial/scan_steps.py recurrence",
     "TRITON_INTERPRET=1 python docs/tutorial/scan_steps.py combine",
+    "TRITON_INTERPRET=1 python docs/tutorial/scan_steps.py tiled",
     "TRITON_INTERPRET=1 python docs/tutorial/scan_steps.py chunked",
     "TRITON_INTERPRET=1 python docs/tutorial/scan_steps.py backward",
     "python docs/tutorial/moe_steps.py switch",
@@ -156,7 +157,11 @@ RUN_HERE = {
     "TRITON_INTERPRET=1 python docs/tutorial/moe_steps.py triton",
     "python docs/tutorial/mamba_steps.py shapes",
     "python docs/tutorial/mamba_steps.py decode",
+    "python docs/tutorial/mamba_steps.py conv",
+    "python docs/tutorial/moe_steps.py passes",
     "python docs/tutorial/train_steps.py memory",
+    "python docs/tutorial/sample_steps.py rules",
+    "python docs/tutorial/verify_steps.py shrink",
 }
 # Commands that write into the repository: run with --out into a temporary folder instead.
 WRITES = {"python docs/figures/make_figures.py": "--out {tmp}"}

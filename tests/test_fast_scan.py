@@ -27,6 +27,7 @@ from minimamba_moe.fast.causal_conv1d import causal_conv1d, causal_conv1d_update
 from minimamba_moe.fast.selective_scan import selective_scan, selective_state_update
 from tests.helpers import assert_close
 
+# --8<-- [start:strategies]
 F64_TOL = 1e-10
 F32_ATOL, F32_RTOL = 1e-4, 1e-3
 BF16_ATOL, BF16_RTOL = 2e-2, 2e-2
@@ -36,8 +37,10 @@ TENSOR_ARGS = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias", "initial_sta
 
 seeds = st.integers(0, 2**31 - 1)
 flags = st.fixed_dictionaries({k: st.booleans() for k in (*OPTIONAL, "delta_softplus")})
+# --8<-- [end:strategies]
 
 
+# --8<-- [start:make_inputs]
 def make_inputs(seed, b, d, n, l, flags, realistic=False):
     """float64 scan arguments (optional ones per ``flags``); ``realistic``: the model's init ranges."""
     g = torch.Generator().manual_seed(seed)
@@ -66,6 +69,7 @@ def make_inputs(seed, b, d, n, l, flags, realistic=False):
         delta_softplus=flags["delta_softplus"],
         initial_state=randn(b, d, n) if flags["initial_state"] else None,
     )
+# --8<-- [end:make_inputs]
 
 
 def cast(kw, dtype, fp32_params=False):
@@ -79,6 +83,7 @@ def cast(kw, dtype, fp32_params=False):
     return out
 
 
+# --8<-- [start:compare]
 def run_with_grads(fn, kw, seed):
     """Output, last state and the gradient of every tensor input for a random linear loss on both outputs."""
     kw = {k: (v.detach().clone().requires_grad_() if isinstance(v, torch.Tensor) else v) for k, v in kw.items()}
@@ -104,6 +109,7 @@ def assert_scan_matches(seed, actual_kw, expected_kw, atol, rtol, fn=selective_s
         assert torch.isfinite(a).all(), f"{name}: not finite"
         scale = max(1.0, e.abs().max().item())
         assert_close(a, e, atol=atol * scale, rtol=rtol, what=name)
+# --8<-- [end:compare]
 
 
 @contextlib.contextmanager
@@ -116,6 +122,7 @@ def chunk_size(chunk):
         scan_cpu.CHUNK = saved
 
 
+# --8<-- [start:float32_test]
 chunks = pytest.mark.parametrize("chunk", [3, scan_cpu.CHUNK])
 
 
@@ -137,6 +144,7 @@ def test_float32_matches_float64_reference(chunk, seed, shape, flags):
     kw32 = cast(kw, torch.float32)
     with chunk_size(chunk):
         assert_scan_matches(seed, kw32, cast(kw32, torch.float64), F32_ATOL, F32_RTOL)
+# --8<-- [end:float32_test]
 
 
 @given(seed=seeds, shape=shapes, flags=flags)

@@ -1,10 +1,12 @@
 """The Mamba block on a CPU: its shapes, and its decode state (the companion script of docs/mamba-block.md).
 
     python docs/tutorial/mamba_steps.py shapes   # every tensor of one forward pass, with its shape
+    python docs/tutorial/mamba_steps.py conv     # the causal conv on an impulse; fast == reference
     python docs/tutorial/mamba_steps.py decode   # prefill + one token at a time == one forward pass
 
-Runs the project's own MambaMixer (minimamba_moe/mamba.py) on the tiny preset's sizes;
-tests/test_docs.py runs both commands and checks that the page shows their output.
+Runs the project's own MambaMixer (minimamba_moe/mamba.py) on the tiny preset's sizes, and its
+causal convolution (reference/causal_conv1d.py, fast/causal_conv1d.py); tests/test_docs.py runs
+the commands and checks that the page shows their output.
 """
 
 import argparse
@@ -41,6 +43,30 @@ def step_shapes():
     # --8<-- [end:shapes-run]
 
 
+def step_conv():
+    from minimamba_moe import fast, reference
+
+    # --8<-- [start:conv-run]
+    weight = torch.tensor([[0.1, 0.2, 0.3, 0.4]])  # (d=1, k=4): weight[:, -1] meets input t
+    x = torch.zeros(1, 1, 8)  # (b, d, l)
+    x[..., 3] = 1.0  # an impulse at position 3
+    print("x              ", x[0, 0].tolist())
+    out = reference.causal_conv1d(x, weight)  # (1, 1, 8)
+    print("causal_conv1d  ", [round(v, 2) for v in out[0, 0].tolist()])
+    g = torch.Generator().manual_seed(0)
+    x, w = torch.randn(2, 6, 50, generator=g), torch.randn(6, 4, generator=g)  # (b, d, l), (d, k)
+    bias = torch.randn(6, generator=g)
+    want = reference.causal_conv1d(x, w, bias, activation="silu")
+    print("fast vs reference, (2, 6, 50): max |difference| =",
+          err(fast.causal_conv1d(x, w, bias, activation="silu"), want))
+    state = torch.zeros(2, 6, 4)  # the decode state: the last k = 4 inputs, oldest first
+    steps = [reference.causal_conv1d_update(x[..., t], state, w, bias, activation="silu")
+             for t in range(50)]  # 50 x (b, d)
+    steps = torch.stack(steps, dim=-1)
+    print("50 single steps vs the whole sequence: max |difference| =", err(steps, want))
+    # --8<-- [end:conv-run]
+
+
 def step_decode():
     # --8<-- [start:decode-run]
     torch.manual_seed(0)
@@ -60,7 +86,7 @@ def step_decode():
     # --8<-- [end:decode-run]
 
 
-STEPS = {"shapes": step_shapes, "decode": step_decode}
+STEPS = {"shapes": step_shapes, "conv": step_conv, "decode": step_decode}
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])

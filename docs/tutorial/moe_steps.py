@@ -4,6 +4,7 @@ The companion script of docs/moe.md and docs/moe-kernels.md. Each step is one co
 
     python docs/tutorial/moe_steps.py switch       # Switch top-k routing with a capacity
     python docs/tutorial/moe_steps.py sinkhorn     # Sinkhorn passes and balance, per init and rule
+    python docs/tutorial/moe_steps.py passes       # when the released rule takes more than one pass
     python docs/tutorial/moe_steps.py grouping     # token-slots grouped by expert (fast/routing.py)
     python docs/tutorial/moe_steps.py cpu          # fast.moe_experts on CPU vs the reference loop
     TRITON_INTERPRET=1 python docs/tutorial/moe_steps.py triton   # the Triton kernels vs the reference
@@ -65,6 +66,20 @@ def step_sinkhorn():
     # --8<-- [end:sinkhorn-run]
 
 
+def step_passes():
+    # --8<-- [start:passes-run]
+    g = torch.Generator().manual_seed(0)
+    E = 8
+    print("passes of the released rule (blackmamba init, mean|d1 - d1_old| < 1e-4), E = 8")
+    for shift in (0.0, -2.0, -4.0, -6.0):  # logits N(0, 1) + shift: a router that favours no expert
+        passes = []
+        for T in (128, 1024, 4096, 16384):
+            logits = torch.randn(T, E, generator=g) + shift
+            passes.append(int(reference.sinkhorn(logits)[1]))
+        print(f"logits N({shift:g}, 1): T = 128, 1024, 4096, 16384 -> passes {passes}")
+    # --8<-- [end:passes-run]
+
+
 def step_grouping():
     # --8<-- [start:grouping-run]
     expert_idx = torch.tensor([[2, 0], [1, 2], [0, -1], [2, 3], [0, 1], [3, 2]])  # (T=6, k=2), -1 = dropped
@@ -121,7 +136,8 @@ def step_triton():
     # --8<-- [end:triton-run]
 
 
-STEPS = {"switch": step_switch, "sinkhorn": step_sinkhorn, "grouping": step_grouping, "cpu": step_cpu,
+STEPS = {"switch": step_switch, "sinkhorn": step_sinkhorn, "passes": step_passes,
+         "grouping": step_grouping, "cpu": step_cpu,
          "triton": step_triton}
 
 if __name__ == "__main__":

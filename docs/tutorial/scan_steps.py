@@ -6,11 +6,14 @@ GPU, Triton's interpreter runs the kernels on CPU tensors:
     TRITON_INTERPRET=1 python docs/tutorial/scan_steps.py cumsum
     TRITON_INTERPRET=1 python docs/tutorial/scan_steps.py recurrence
     TRITON_INTERPRET=1 python docs/tutorial/scan_steps.py combine
+    TRITON_INTERPRET=1 python docs/tutorial/scan_steps.py tiled
     TRITON_INTERPRET=1 python docs/tutorial/scan_steps.py chunked
     TRITON_INTERPRET=1 python docs/tutorial/scan_steps.py backward
 
-Steps 1-3 are small kernels written for this tutorial (one program, one sequence); steps 4-5 run
-the project's own kernels (fast/scan_triton.py, fast/scan_triton_bwd.py) against the reference
+Steps 1-3 are small kernels written for this tutorial (one program, one sequence); step 4
+(tiled) is a tutorial-sized version of the real kernel (many programs, many channels, chunks,
+masks, no extras); steps 5-6 (chunked, backward) run the project's own kernels
+(fast/scan_triton.py, fast/scan_triton_bwd.py) against the reference
 loop (reference/selective_scan.py). Every step prints what it compared and the largest error;
 tests/test_docs.py runs each command and checks that the page shows its output.
 """
@@ -31,13 +34,15 @@ from minimamba_moe import reference  # noqa: E402
 from minimamba_moe.fast.scan_triton import selective_scan_triton
 from minimamba_moe.fast.scan_triton_chunk import _combine  # noqa: E402
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+# --8<-- [start:helpers]
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # TRITON_INTERPRET=1 runs CPU tensors
 
 
 def err(a, b):
     """The largest absolute difference, printed with one significant digit (the exact bits vary by machine)."""
     e = (a.double() - b.double()).abs().max().item()
     return "0" if e == 0 else f"{e:.0e}"
+# --8<-- [end:helpers]
 
 
 # --8<-- [start:cumsum]
@@ -78,8 +83,8 @@ def recurrence_loop(a, b):
 
 
 def recurrence_by_cumsum(a, b):
-    """The same h_t as two cumulative sums: h_t = P_t Σ_{s<=t} b_s / P_s, with P_t = a_0 a_1 ... a_t."""
-    log_p = torch.cumsum(torch.log(a), 0)  # log P_t
+    """The same h_t as two cumulative sums: h_t = π_t Σ_{s<=t} b_s / π_s, π_t = a_0 a_1 ... a_t."""
+    log_p = torch.cumsum(torch.log(a), 0)  # log π_t
     return torch.exp(log_p) * torch.cumsum(b * torch.exp(-log_p), 0)
 # --8<-- [end:recurrence]
 
@@ -91,7 +96,7 @@ def step_recurrence():
         a = torch.full((L,), 0.9)  # a decay in (0, 1), as exp(Δ A) always is
         b = torch.rand(L, generator=g)
         loop, by_cumsum = recurrence_loop(a, b), recurrence_by_cumsum(a, b)
-        print(f"L = {L:4d}: max |loop - cumsum form| = {err(loop, by_cumsum)}, "
+        print(f"l = {L:4d}: max |loop - cumsum form| = {err(loop, by_cumsum)}, "
               f"last h: loop {loop[-1].item():.4f}, cumsum form {by_cumsum[-1].item():.4f}")
     # --8<-- [end:recurrence-run]
 
@@ -117,10 +122,12 @@ def step_combine():
         h = torch.empty_like(b)
         recurrence_kernel[(1,)](a, b, h, L=L)
         loop = recurrence_loop(a.cpu(), b.cpu())
-        print(f"L = {L:4d}: max |Triton scan - loop| = {err(h.cpu(), loop)}, last h {h[-1].item():.4f}")
+        print(f"l = {L:4d}: max |Triton scan - loop| = {err(h.cpu(), loop)}, "
+              f"last h {h[-1].item():.4f}")
     # --8<-- [end:combine-run]
 
 
+# --8<-- [start:scan-inputs]
 def scan_inputs(b=2, d=6, n=4, l=37, seed=0, dtype=torch.float32):
     """Random inputs of the model's kind: A negative, delta around 0 before the softplus."""
     g = torch.Generator().manual_seed(seed)
@@ -130,6 +137,70 @@ def scan_inputs(b=2, d=6, n=4, l=37, seed=0, dtype=torch.float32):
 
     return dict(u=r(b, d, l), delta=0.5 * r(b, d, l), A=-torch.exp(r(d, n)), B=r(b, n, l), C=r(b, n, l),
                 D=r(d), z=r(b, d, l), delta_bias=r(d), delta_softplus=True)
+# --8<-- [end:scan-inputs]
+
+
+# --8<-- [start:tiled-kernel]
+@triton.jit
+def tiled_scan_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, y_ptr, Dm, L, N,
+                      BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_L: tl.constexpr):
+    """y = Σ_n h C, h_t = exp(Δ_t A) h_{t-1} + Δ_t B_t u_t, h_{-1} = 0, Δ = softplus(delta).
+
+    u, delta, y (b, Dm, L); A (Dm, N); B, C (b, N, L): float32, contiguous.
+    Grid: (b, cdiv(Dm, BLOCK_D)).
+    """
+    pid_b, pid_d = tl.program_id(0), tl.program_id(1)  # batch row, block of channels
+    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)  # (BLOCK_D,) this program's channels
+    offs_n = tl.arange(0, BLOCK_N)  # (BLOCK_N,) the whole state: BLOCK_N >= N
+    offs_l = tl.arange(0, BLOCK_L)  # (BLOCK_L,) a position within a chunk
+    mask_dn = (offs_d[:, None] < Dm) & (offs_n[None, :] < N)  # (BLOCK_D, BLOCK_N)
+    A = tl.load(A_ptr + offs_d[:, None] * N + offs_n[None, :], mask=mask_dn, other=0.0)
+    h = tl.zeros([BLOCK_D, BLOCK_N], dtype=tl.float32)  # the state entering the chunk: h_{-1} = 0
+    for start in range(0, L, BLOCK_L):
+        t = start + offs_l  # (BLOCK_L,) this chunk's positions
+        mask_dl = (offs_d[:, None] < Dm) & (t[None, :] < L)  # (BLOCK_D, BLOCK_L)
+        mask_nl = (offs_n[:, None] < N) & (t[None, :] < L)  # (BLOCK_N, BLOCK_L)
+        dl = pid_b * Dm * L + offs_d[:, None] * L + t[None, :]  # offsets into (b, Dm, L)
+        nl = pid_b * N * L + offs_n[:, None] * L + t[None, :]  # offsets into (b, N, L)
+        u = tl.load(u_ptr + dl, mask=mask_dl, other=0.0)
+        dt = tl.log(1.0 + tl.exp(tl.load(delta_ptr + dl, mask=mask_dl, other=0.0)))  # softplus
+        dt = tl.where(mask_dl, dt, 0.0)  # softplus(0) = log 2: padding must get Δ = 0 itself
+        Bt = tl.load(B_ptr + nl, mask=mask_nl, other=0.0)
+        Ct = tl.load(C_ptr + nl, mask=mask_nl, other=0.0)
+        dA = tl.exp(dt[:, None, :] * A[:, :, None])  # (BLOCK_D, BLOCK_N, BLOCK_L); 1 on padding
+        dBu = (dt * u)[:, None, :] * Bt[None, :, :]  # (BLOCK_D, BLOCK_N, BLOCK_L); 0 on padding
+        a_cum, b_cum = tl.associative_scan((dA, dBu), axis=2, combine_fn=_combine)
+        hs = a_cum * h[:, :, None] + b_cum  # (BLOCK_D, BLOCK_N, BLOCK_L) every state of the chunk
+        y = tl.sum(hs * Ct[None, :, :], axis=1)  # (BLOCK_D, BLOCK_L) y_t = Σ_n h_t C_t
+        tl.store(y_ptr + dl, y, mask=mask_dl)
+        h = tl.sum(tl.where(offs_l[None, None, :] == BLOCK_L - 1, hs, 0.0), axis=2)  # last column
+# --8<-- [end:tiled-kernel]
+
+
+# --8<-- [start:tiled-launcher]
+def tiled_scan(u, delta, A, B, C, block_d, block_l):
+    """The launcher: y (b, d, l) from float32 inputs, one program per (batch row, channel block)."""
+    b, d, l = u.shape
+    y = torch.empty_like(u)
+    grid = (b, triton.cdiv(d, block_d))
+    tiled_scan_kernel[grid](u.contiguous(), delta.contiguous(), A.contiguous(), B.contiguous(),
+                            C.contiguous(), y, d, l, A.shape[1], BLOCK_D=block_d,
+                            BLOCK_N=triton.next_power_of_2(A.shape[1]), BLOCK_L=block_l)
+    return y
+# --8<-- [end:tiled-launcher]
+
+
+def step_tiled():
+    # --8<-- [start:tiled-run]
+    x = scan_inputs(d=6, n=3, l=37)  # 6 channels, a state of 3, 37 positions: every mask is needed
+    x = {k: x[k] for k in ("u", "delta", "A", "B", "C")}  # no D, z or delta_bias yet
+    want = reference.selective_scan(**x, delta_softplus=True)  # the loop over time
+    for block_d, block_l in ((4, 8), (8, 32)):
+        y = tiled_scan(**x, block_d=block_d, block_l=block_l)
+        print(f"BLOCK_D = {block_d}, BLOCK_N = 4, BLOCK_L = {block_l:2d}: "
+              f"{2 * -(-6 // block_d)} programs x {-(-37 // block_l)} chunks, "
+              f"max |y - reference| = {err(y, want)}")
+    # --8<-- [end:tiled-run]
 
 
 def step_chunked():
@@ -161,7 +232,7 @@ def step_backward():
 
 
 STEPS = {"cumsum": step_cumsum, "recurrence": step_recurrence, "combine": step_combine,
-         "chunked": step_chunked, "backward": step_backward}
+         "tiled": step_tiled, "chunked": step_chunked, "backward": step_backward}
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])

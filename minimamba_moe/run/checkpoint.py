@@ -54,6 +54,7 @@ class CheckpointError(ValueError):
     """A checkpoint is missing, damaged, or does not fit the model it is loaded into."""
 
 
+# --8<-- [start:write_tmp]
 def _write_tmp(path: Path, write) -> str:
     """``write(tmp)`` for a temporary file beside ``path``, flushed to disk; returns the temporary name."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -67,6 +68,7 @@ def _write_tmp(path: Path, write) -> str:
         os.unlink(tmp)
         raise
     return tmp
+# --8<-- [end:write_tmp]
 
 
 def atomic_write(path: str | os.PathLike, write) -> None:
@@ -236,6 +238,7 @@ def _locked(folder: Path):
         os.close(fd)
 
 
+# --8<-- [start:recover]
 def _recover(out_dir: Path) -> None:
     for f in out_dir.glob(".*.tmp"):
         f.unlink(missing_ok=True)
@@ -248,8 +251,10 @@ def _recover(out_dir: Path) -> None:
             os.replace(prev, path)  # the new file goes, the previous one is back under its name
         else:
             prev.unlink()
+# --8<-- [end:recover]
 
 
+# --8<-- [start:save_checkpoint]
 def save_checkpoint(out_dir: str | os.PathLike, tensors: dict[str, torch.Tensor], config: ModelConfig,
                     train_state: dict, **extra) -> None:
     """Write weights, config.json and the training state, all three to temporary names first, then rename.
@@ -278,6 +283,7 @@ def save_checkpoint(out_dir: str | os.PathLike, tensors: dict[str, torch.Tensor]
             os.replace(tmp, path)
         for prev in prevs:
             prev.unlink()
+# --8<-- [end:save_checkpoint]
 
 
 def _prev(path: Path) -> Path:

@@ -122,6 +122,7 @@ def load_tokenizer(spec: str):
     return TiktokenTokenizer(spec)
 
 
+# --8<-- [start:StreamDecoder]
 class StreamDecoder:
     """Turn token ids, fed one at a time, into text that is safe to print as it comes.
 
@@ -161,3 +162,4 @@ class StreamDecoder:
         text = self.tokenizer.decode(self.pending) if self.pending else ""
         self.pending = []
         return text
+# --8<-- [end:StreamDecoder]
