@@ -1,3 +1,4 @@
+# %%
 """The selective scan, the hard way: from a cumulative sum to the chunked Triton kernel and its backward.
 
 The companion script of docs/selective-scan.md. Each step is one command; on a machine without a
@@ -15,6 +16,19 @@ loop (reference/selective_scan.py). Every step prints what it compared and the l
 tests/test_docs.py runs each command and checks that the page shows its output.
 """
 
+# %% [markdown]
+# In a notebook: without a GPU, Triton's interpreter runs the kernels on the CPU. It is chosen when
+# triton is imported, so it is set first.
+
+# %% active="ipynb"
+# import os
+#
+# import torch
+#
+# if not torch.cuda.is_available():
+#     os.environ["TRITON_INTERPRET"] = "1"
+
+# %%
 import argparse
 import os
 import sys
@@ -34,18 +48,21 @@ from minimamba_moe.fast.scan_triton_chunk import _combine  # noqa: E402
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
+# %%
 def err(a, b):
     """The largest absolute difference, printed with one significant digit (the exact bits vary by machine)."""
     e = (a.double() - b.double()).abs().max().item()
     return "0" if e == 0 else f"{e:.0e}"
 
 
+# %%
 # --8<-- [start:cumsum]
 @triton.jit
 def _add(a, b):
     return a + b
 
 
+# %%
 @triton.jit
 def cumsum_kernel(x_ptr, h_ptr, L: tl.constexpr):
     """h_t = h_{t-1} + x_t for one sequence of L positions (L a power of 2), one program."""
@@ -56,6 +73,7 @@ def cumsum_kernel(x_ptr, h_ptr, L: tl.constexpr):
 # --8<-- [end:cumsum]
 
 
+# %%
 def step_cumsum():
     # --8<-- [start:cumsum-run]
     x = torch.arange(1.0, 9.0, device=DEVICE)  # 1, 2, ..., 8
@@ -67,6 +85,7 @@ def step_cumsum():
     # --8<-- [end:cumsum-run]
 
 
+# %%
 # --8<-- [start:recurrence]
 def recurrence_loop(a, b):
     """h_t = a_t h_{t-1} + b_t with h_{-1} = 0: the scan's recurrence for one scalar state. a, b: (L,)."""
@@ -77,6 +96,7 @@ def recurrence_loop(a, b):
     return torch.stack(hs)
 
 
+# %%
 def recurrence_by_cumsum(a, b):
     """The same h_t as two cumulative sums: h_t = P_t Σ_{s<=t} b_s / P_s, with P_t = a_0 a_1 ... a_t."""
     log_p = torch.cumsum(torch.log(a), 0)  # log P_t
@@ -84,6 +104,7 @@ def recurrence_by_cumsum(a, b):
 # --8<-- [end:recurrence]
 
 
+# %%
 def step_recurrence():
     # --8<-- [start:recurrence-run]
     g = torch.Generator().manual_seed(0)
@@ -96,6 +117,7 @@ def step_recurrence():
     # --8<-- [end:recurrence-run]
 
 
+# %%
 # --8<-- [start:combine-kernel]
 @triton.jit
 def recurrence_kernel(a_ptr, b_ptr, h_ptr, L: tl.constexpr):
@@ -108,6 +130,7 @@ def recurrence_kernel(a_ptr, b_ptr, h_ptr, L: tl.constexpr):
 # --8<-- [end:combine-kernel]
 
 
+# %%
 def step_combine():
     # --8<-- [start:combine-run]
     g = torch.Generator().manual_seed(0)
@@ -121,6 +144,7 @@ def step_combine():
     # --8<-- [end:combine-run]
 
 
+# %%
 def scan_inputs(b=2, d=6, n=4, l=37, seed=0, dtype=torch.float32):
     """Random inputs of the model's kind: A negative, delta around 0 before the softplus."""
     g = torch.Generator().manual_seed(seed)
@@ -132,6 +156,7 @@ def scan_inputs(b=2, d=6, n=4, l=37, seed=0, dtype=torch.float32):
                 D=r(d), z=r(b, d, l), delta_bias=r(d), delta_softplus=True)
 
 
+# %%
 def step_chunked():
     # --8<-- [start:chunked-run]
     x = scan_inputs(l=37)  # 37 positions: chunks of 8 leave a partial chunk at the end
@@ -144,6 +169,7 @@ def step_chunked():
     # --8<-- [end:chunked-run]
 
 
+# %%
 def step_backward():
     # --8<-- [start:backward-run]
     names = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
@@ -160,9 +186,20 @@ def step_backward():
     # --8<-- [end:backward-run]
 
 
+# %%
 STEPS = {"cumsum": step_cumsum, "recurrence": step_recurrence, "combine": step_combine,
          "chunked": step_chunked, "backward": step_backward}
 
+# %% [markdown]
+# In a notebook, every step in turn; as a script, the step named on the command line.
+
+# %% active="ipynb"
+# torch.set_num_threads(1)
+# for name, step in STEPS.items():
+#     print(f"--- {name}")
+#     step()
+
+# %% active="py"
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("step", choices=STEPS, help="which step of docs/selective-scan.md to run")
