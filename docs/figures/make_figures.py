@@ -213,43 +213,43 @@ def moe_grouping(out: Path):
     N = T * k
     fig, ax = plt.subplots(figsize=(9, 4.4))
     ax.set_xlim(-0.5, 11)
-    ax.set_ylim(-1.2, N + 1.2)
+    ax.set_ylim(-2.0, N + 1.2)
     ax.axis("off")
 
     def color(e):
         return "#dddddd" if e < 0 or e >= E else EXPERT_COLORS[e]
 
-    ax.text(0.6, N + 0.5, "token-slots (T=6, k=2)\nexpert_idx", ha="center", fontsize=8)
+    ax.text(0.6, N + 0.5, "token-slots (T=6, k=2)\nexpert_idx", ha="center", fontsize=8.5)
     for s in range(N):
         e = int(expert_idx.view(-1)[s])
         y = N - 1 - s
         ax.add_patch(plt.Rectangle((0, y), 1.2, 0.8, fc=color(e), ec="white"))
         ax.text(0.6, y + 0.4, f"t{s // k} s{s % k}: " + ("drop" if e < 0 else f"E{e}"), ha="center", va="center",
-                fontsize=7, color="black" if e < 0 else "white")
-    ax.text(4.1, N + 0.5, "sorted rows (order)\nstable sort by expert", ha="center", fontsize=8)
+                fontsize=8.5, color="black" if e < 0 else "white")
+    ax.text(4.225, N + 0.5, "sorted rows (order)\nstable sort by expert", ha="center", fontsize=8.5)
     for row in range(N):
         s, e = int(r.order[row]), int(r.sorted_expert[row])
         y = N - 1 - row
-        ax.add_patch(plt.Rectangle((3.5, y), 1.2, 0.8, fc=color(e), ec="white"))
-        ax.text(4.1, y + 0.4, f"row {row}: x[t{int(r.token[row])}]", ha="center", va="center", fontsize=7,
+        ax.add_patch(plt.Rectangle((3.5, y), 1.45, 0.8, fc=color(e), ec="white"))
+        ax.text(4.225, y + 0.4, f"row {row}: x[t{int(r.token[row])}]", ha="center", va="center", fontsize=8.5,
                 color="black" if e >= E else "white")
         ax.plot([1.2, 3.5], [N - 1 - s + 0.4, y + 0.4], color="#aaaaaa", lw=0.6)
     offsets = r.offsets.tolist()
     for e in range(E + 1):
         y = N - offsets[e]
-        ax.plot([4.8, 5.3], [y, y], color="black", lw=1)
-        ax.text(5.35, y, f"offsets[{e}] = {offsets[e]}", va="center", fontsize=7)
-    ax.text(9, N + 0.5, "grouped GEMM: one weight per\nblock of rows, x gathered by row", ha="center", fontsize=8)
+        ax.plot([5.05, 5.55], [y, y], color="black", lw=1)
+        ax.text(5.6, y, f"offsets[{e}] = {offsets[e]}", va="center", fontsize=8.5)
+    ax.text(9, N + 0.5, "grouped GEMM: one weight per\nblock of rows, x gathered by row", ha="center", fontsize=8.5)
     for e in range(E):
         lo, hi = offsets[e], offsets[e + 1]
         if hi > lo:
             ax.add_patch(plt.Rectangle((7.6, N - hi), 1.2, hi - lo - 0.2, fc=color(e), ec="white", alpha=0.5))
-            ax.text(8.2, N - (lo + hi) / 2 - 0.1, f"rows {lo}..{hi - 1}", ha="center", va="center", fontsize=7)
+            ax.text(8.2, N - (lo + hi) / 2 - 0.1, f"rows {lo}..{hi - 1}", ha="center", va="center", fontsize=8.5)
             ax.add_patch(plt.Rectangle((9.1, N - hi), 1.0, hi - lo - 0.2, fc=color(e), ec="white"))
-            ax.text(9.6, N - (lo + hi) / 2 - 0.1, f"w1[{e}]", ha="center", va="center", fontsize=7, color="white")
+            ax.text(9.6, N - (lo + hi) / 2 - 0.1, f"w1[{e}]", ha="center", va="center", fontsize=8.5, color="white")
             ax.text(8.95, N - (lo + hi) / 2 - 0.1, "@", ha="center", va="center", fontsize=8)
-    ax.text(0, -0.9, f"counts = {r.counts.tolist()}; the dropped slot sorts last (key E = {E}) and is never read; "
-            "the down projection scatters gate x row back into out[token]", fontsize=7)
+    ax.text(0, -0.5, f"counts = {r.counts.tolist()}; the dropped slot sorts last (key E = {E}) and is never read; "
+            "the down projection\nscatters gate x row back into out[token]", fontsize=8.5, va="top")
     _save(fig, out, "moe_grouping.svg")
     plt.close(fig)
 
@@ -288,7 +288,7 @@ def sinkhorn(out: Path):
     a2.set_ylabel("Sinkhorn passes run (cap 100)")
     a2.set_yscale("log")
     a2.set_title("passes until the stopping rule fires")
-    a1.legend(fontsize=7)
+    a1.legend(fontsize=8.5)
     _save(fig, out, "sinkhorn.svg")
     plt.close(fig)
 
