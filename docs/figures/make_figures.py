@@ -74,38 +74,37 @@ def architecture(out: Path):
     """One column per preset: the residual stream, and per layer of the pattern its norm and mixer."""
     plt = _plt()
     presets = ["blackmamba-1.5b", "moe-mamba-25m", "transformer-moe-25m"]
-    fig, axes = plt.subplots(1, len(presets), figsize=(3.4 * len(presets), 6.2))
+    fig, axes = plt.subplots(1, len(presets), figsize=(4.3 * len(presets), 7.6))
     for ax, name in zip(axes, presets):
         c = ModelConfig.from_preset(name)
         pattern, repeats = c.layer_pattern, c.n_layer // len(c.layer_pattern)
         ax.set_xlim(-0.3, 5.0)
         ax.set_ylim(-0.4, 3.2 + 2.2 * len(pattern))
         ax.axis("off")
-        ax.set_title(f"{name}\n{c.n_layer} layers = ({', '.join(pattern)}) x {repeats}", fontsize=9)
+        ax.set_title(f"{name}\n{c.n_layer} layers = ({', '.join(pattern)}) x {repeats}", fontsize=10)
         top = 2.6 + 2.2 * len(pattern)
         R = 0.6  # x of the residual stream
         ax.plot([R, R], [0.6, top], color="#333333", lw=2.5, zorder=0)
-        _box(ax, 0.0, 0.05, 1.2, 0.5, "embedding", "#666666", fontsize=7)
-        ax.text(R + 0.1, 0.75, "residual stream (b, l, d_model)", rotation=90, fontsize=7, va="bottom", color="#333333")
+        _box(ax, 0.0, 0.05, 1.2, 0.5, "embedding", "#666666", fontsize=8.5)
+        ax.text(1.35, 0.3, "residual stream\n(b, l, d_model)", fontsize=8.5, va="center", color="#333333")
         y = 1.0
         for kind in pattern:
-            _box(ax, 1.3, y + 0.2, 1.0, 0.45, c.norm, COLORS["norm"], "black", 7)
+            _box(ax, 1.3, y + 0.2, 1.3, 0.45, c.norm, COLORS["norm"], "black", 8.5)
             _arrow(ax, R, y + 0.42, 1.3, y + 0.42)
             if kind == "moe":
-                _box(ax, 1.3, y + 0.9, 1.0, 0.5, f"router\n{c.router}", COLORS["router"], fontsize=7)
+                _box(ax, 1.3, y + 0.9, 1.0, 0.5, f"router\n{c.router}", COLORS["router"], fontsize=8.5)
                 _arrow(ax, 1.8, y + 0.65, 1.8, y + 0.9)
                 shown = min(c.n_experts, 4)
                 for e in range(shown):
                     label = f"E{e}" if e < shown - 1 or c.n_experts == shown else f"E{c.n_experts - 1}"
-                    _box(ax, 2.6, y + 0.05 + 0.42 * e, 0.75, 0.34, label, COLORS["moe"], fontsize=7)
-                    _arrow(ax, 2.3, y + 1.15, 2.6, y + 0.22 + 0.42 * e, color="#999999", lw=0.6)
-                if c.n_experts > shown:
-                    ax.text(2.98, y + 0.05 + 0.42 * (shown - 1) - 0.06, "...", ha="center", fontsize=8)
-                ax.text(3.45, y + 0.9, f"{c.n_experts} experts\ntop-{c.top_k}\n"
-                        f"{c.mlp_activation}, {c.d_expert}", fontsize=7, va="center")
+                    lift = 0.06 if e == shown - 1 and c.n_experts > shown else 0.0  # a gap: experts left out
+                    _box(ax, 2.75, y + 0.05 + 0.42 * e + lift, 0.75, 0.34, label, COLORS["moe"], fontsize=8.5)
+                    _arrow(ax, 2.3, y + 1.15, 2.75, y + 0.22 + 0.42 * e + lift, color="#999999", lw=0.6)
+                ax.text(3.6, y + 0.9, f"{c.n_experts} experts\ntop-{c.top_k}\n"
+                        f"{c.mlp_activation}, {c.d_expert}", fontsize=8.5, va="center")
                 _arrow(ax, 3.0, y + 1.85, R, y + 1.85)
                 ax.plot([3.0, 3.0], [y + 1.75, y + 1.85], color="#333333", lw=1)
-                ax.text(1.9, y + 1.92, "+ gate x expert(x)", fontsize=7, ha="center")
+                ax.text(1.9, y + 1.92, "+ gate x expert(x)", fontsize=8.5, ha="center")
             else:
                 label = {"mamba": f"Mamba\nd_state {c.d_state}", "attention": f"attention\n{c.n_head} heads",
                          "mlp": f"MLP {c.d_ff}"}[kind]
@@ -116,11 +115,11 @@ def architecture(out: Path):
             ax.scatter([R], [y + 1.85], s=60, color="white", edgecolor="#333333", zorder=3)
             ax.text(R, y + 1.85, "+", ha="center", va="center", fontsize=8, zorder=4)
             y += 2.2
-        ax.text(-0.25, 0.9 + 1.1 * len(pattern), f"x {repeats}", fontsize=9, fontweight="bold", rotation=90, va="center")
+        ax.text(-0.25, 0.9 + 1.1 * len(pattern), f"x {repeats}", fontsize=10, fontweight="bold", rotation=90, va="center")
         ax.plot([-0.05, -0.05], [1.0, y - 0.3], color="#999999", lw=1, ls="--")
         final = c.final_norm if c.final_norm != "none" else "no final norm"
-        _box(ax, 0.0, top, 1.5, 0.45, final, COLORS["norm"], "black", 7)
-        ax.text(1.6, top + 0.22, "-> LM head -> logits", fontsize=7, va="center")
+        _box(ax, 0.0, top, 1.5, 0.45, final, COLORS["norm"], "black", 8.5)
+        ax.text(1.6, top + 0.22, "-> LM head -> logits", fontsize=8.5, va="center")
     _save(fig, out, "architecture.svg")
     plt.close(fig)
 # --8<-- [end:architecture]
