@@ -116,7 +116,8 @@ def test_a_verbatim_output_equals_its_json(page, file, body, indent):
 
 COMMAND = re.compile(r"^(python [^\n]*--out (benchmarks/results/[\w.-]+\.json)[^\n]*)$", re.M)
 COMMANDS = sorted({(page, m.group(1).split("  #")[0].strip(), m.group(2)) for page in [ROOT / "README.md", *PAGES]
-                   for m in COMMAND.finditer(page.read_text(encoding="utf-8"))}, key=str)
+                   for m in COMMAND.finditer(re.sub(r"[ \t]*\\\n[ \t]*", " ", page.read_text(encoding="utf-8")))},
+                  key=str)  # a command continued over lines with a backslash is one line here
 
 
 class _Parsed(Exception):
