@@ -6,7 +6,8 @@
   runs by default.
 - Every notebook, exactly as the site ships it, executes top to bottom in a fresh Python kernel
   (nbclient), on a CPU through Triton's interpreter, and prints what the script's steps print.
-  Marked slow: the four take about 2 minutes together on 2 CPU cores (the Triton interpreter steps
+  Marked slow: the four took 35 s together on the project's 2 CPU cores when they were quiet and
+  about 2 minutes while other jobs shared them (kernel start-ups and the Triton interpreter steps
   dominate); `python -m pytest -q -m slow tests/test_notebooks.py` runs them.
 
 Needs the `docs-test` extra (jupytext, nbclient, ipykernel); without it the tests are skipped
