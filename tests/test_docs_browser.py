@@ -7,7 +7,8 @@ For every HTML page of `mkdocs build --strict` (served from 127.0.0.1 by a threa
 - every formula is rendered: no `arithmatex` placeholder is left, no raw TeX delimiter or TeX
   command shows in the page's visible text, every `<math>` element has a non-empty box and no
   `<merror>`;
-- every image loads (complete, natural width > 0);
+- every image loads (complete, natural width > 0), and every SVG figure shows at its natural width
+  at 1280 px (they are drawn with text of 8.5 pt or larger: a figure scaled down is illegible);
 - no `--8<--` is shown (a code include pymdownx.snippets did not expand, e.g. mis-indented);
 - the reading surface, at a 1280 x 900 window: at most 5 % of all `pre > code` blocks of the site
   (collapsed `???` blocks opened first) are wider than their box and scroll sideways.
@@ -122,6 +123,8 @@ def test_every_page_loads_offline_with_math_and_figures(site):
                   emptyMath: maths.filter(m => { const r = m.getBoundingClientRect(); return r.width <= 0 || r.height <= 0; }).length,
                   merror: document.querySelectorAll('merror').length,
                   images: [...document.images].map(i => [i.currentSrc || i.src, i.complete && i.naturalWidth > 0]),
+                  shrunk: [...document.querySelectorAll('article img')].filter(i => i.src.endsWith('.svg')
+                          && i.clientWidth < 0.95 * i.naturalWidth).map(i => [i.src, i.naturalWidth, i.clientWidth]),
                 };
             }""")
             if check["snippetMarks"]:
@@ -144,6 +147,10 @@ def test_every_page_loads_offline_with_math_and_figures(site):
             if tex:
                 here.append(f"raw TeX visible in the text: {tex}")
             here += [f"image did not load: {src}" for src, ok in check["images"] if not ok]
+            # The SVG figures are drawn at the size they are read (docs/figures/make_figures.py: 8.5 pt
+            # text or larger); one shown smaller than that at 1280 px has text under ~11 px.
+            here += [f"figure {src} is {shown} px wide, scaled down from {natural} px: its text is too small; "
+                     f"draw it narrower" for src, natural, shown in check["shrunk"]]
             problems += [f"{rel}: {p}" for p in here]
             counts["pages"] += 1
             counts["requests"] += len(log["requests"])
