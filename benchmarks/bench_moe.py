@@ -1,6 +1,6 @@
 """Reference vs fast moe_experts on this machine's device (the CPU path without a GPU).
 
-    python benchmarks/bench_moe.py [--repeats 5] [--threads 2] [--dtype float32]
+    python benchmarks/bench_moe.py [--repeats 5] [--threads 2] [--dtype float32] [--out FILE.json]
 
 Times forward, and forward + backward (gradients of x, gates, w1, w2), at the SHAPES below
 (tokens T, width d, expert width ffn, experts E, top-k), and prints medians and the reference /
@@ -18,6 +18,9 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from common import machine, write_json  # noqa: E402
 
 from minimamba_moe import fast, reference  # noqa: E402
 
@@ -43,16 +46,19 @@ def sync(device):
         torch.cuda.synchronize()
 
 
+CLOCK = time.perf_counter  # main() sets time.process_time for --clock cpu
+
+
 def call(op, inputs, backward):
     """One timed call of op on fresh leaves (forward, and backward when asked)."""
     x, expert_idx, gates, w1, w2 = inputs
     leaves = [t.detach().requires_grad_(backward) for t in (x, gates, w1, w2)]
-    start = time.perf_counter()
+    start = CLOCK()
     out = op(leaves[0], expert_idx, leaves[1], leaves[2], leaves[3], "swiglu")
     if backward:
         torch.autograd.grad(out, leaves, torch.ones_like(out))
     sync(str(out.device))
-    return time.perf_counter() - start
+    return CLOCK() - start
 
 
 def time_pair(inputs, backward, repeats):
@@ -72,19 +78,38 @@ def main():
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--clock", default="wall", choices=["wall", "cpu"],
+                        help="wall: elapsed time; cpu: CPU seconds of this process (with --threads 1, the time it "
+                             "would take on an idle core, whatever else runs on a shared machine)")
+    parser.add_argument("--out", default="", help="write the rows and the printed table as JSON here")
     args = parser.parse_args()
+    global CLOCK
+    CLOCK = time.process_time if args.clock == "cpu" else time.perf_counter
     torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
-    print(f"device {args.device}, {args.dtype}, {torch.get_num_threads()} threads, median of {args.repeats}")
-    print(f"| T | d | ffn | E | k | pass | reference ms | fast ms | ratio |")
-    print(f"|---|---|---|---|---|---|---|---|---|")
+    lines, rows = [], []
+
+    def say(line=""):
+        print(line, flush=True)
+        lines.append(line)
+
+    say(f"device {args.device}, {args.dtype}, {torch.get_num_threads()} threads, median of {args.repeats}, "
+        f"{args.clock} clock")
+    say("| T | d | ffn | E | k | pass | reference ms | fast ms | ratio |")
+    say("|---|---|---|---|---|---|---|---|---|")
     for T, d, f, E, k in SHAPES:
         inputs = make_inputs(T, d, f, E, k, dtype, args.device)
         for backward in (False, True):
             t_ref, t_fast = time_pair(inputs, backward, args.repeats)
             name = "fwd+bwd" if backward else "fwd"
-            print(f"| {T} | {d} | {f} | {E} | {k} | {name} | {1e3 * t_ref:.1f} | {1e3 * t_fast:.1f} "
-                  f"| {t_ref / t_fast:.2f}x |", flush=True)
+            rows.append({"T": T, "d": d, "ffn": f, "E": E, "k": k, "pass": name, "reference_ms": 1e3 * t_ref,
+                         "fast_ms": 1e3 * t_fast, "ratio": t_ref / t_fast})
+            say(f"| {T} | {d} | {f} | {E} | {k} | {name} | {1e3 * t_ref:.1f} | {1e3 * t_fast:.1f} "
+                f"| {t_ref / t_fast:.2f}x |")
+    write_json(args.out, {"command": "python benchmarks/bench_moe.py " + " ".join(sys.argv[1:]),
+                          "machine": {**machine(), "load_average": os.getloadavg()},
+                          "settings": {k: v for k, v in vars(args).items() if k != "out"},
+                          "rows": rows, "output": "\n".join(lines)})
 
 
 if __name__ == "__main__":

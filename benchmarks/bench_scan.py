@@ -2,6 +2,7 @@
 
     python benchmarks/bench_scan.py                       # b=2, d_inner=512, d_state=16, L in {256, 1024, 4096}
     python benchmarks/bench_scan.py --ref-bwd-max-len 4096 --ref-repeats 3   # everything (the reference takes minutes)
+    python benchmarks/bench_scan.py --out benchmarks/results/bench_scan.json  # and write the table as JSON
 
 How it measures (choices made to be honest on a shared machine):
 - Every (implementation, mode, L) case runs in a fresh subprocess, so one case's allocations or
@@ -59,7 +60,7 @@ def current_rss_kib():
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") // 1024
 
 
-def run_case(impl, mode, L, b, d, n, repeats, threads):
+def run_case(impl, mode, L, b, d, n, repeats, threads, clock="wall"):
     """In this (fresh) process: time ``repeats`` calls, return times and the peak RSS increase."""
     import torch
 
@@ -90,15 +91,16 @@ def run_case(impl, mode, L, b, d, n, repeats, threads):
     if impl == "fast":
         once()
     times = []
+    now = time.process_time if clock == "cpu" else time.perf_counter
     for _ in range(repeats):
-        t = time.perf_counter()
+        t = now()
         once()
-        times.append(time.perf_counter() - t)
+        times.append(now() - t)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
     return {"times": times, "peak_mib": max(0, peak - rss0) / 1024}
 
 
-def cuda_section(b, d, n, lengths, repeats):
+def cuda_section(b, d, n, lengths, repeats, print=print):
     """Triton forward / forward+backward on the GPU: time and achieved bandwidth."""
     import torch
 
@@ -152,48 +154,71 @@ def main():
     p.add_argument("--ref-repeats", type=int, default=1, help="repeats of the reference")
     p.add_argument("--ref-bwd-max-len", type=int, default=1024, help="longest L for the reference fwd+bwd")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--clock", default="wall", choices=["wall", "cpu"],
+                   help="wall: elapsed time; cpu: CPU seconds of this process (with --threads 1, the time it "
+                        "would take on an idle core, whatever else runs on a shared machine)")
+    p.add_argument("--out", default="", help="write the rows and the printed table as JSON here")
     p.add_argument("--case", help=argparse.SUPPRESS)  # internal: run one case, print JSON
     a = p.parse_args()
     b, d, n = a.batch, a.d_inner, a.d_state
 
     if a.case:
         impl, mode, L, repeats = a.case.split(",")
-        print(json.dumps(run_case(impl, mode, int(L), b, d, n, int(repeats), a.threads)))
+        print(json.dumps(run_case(impl, mode, int(L), b, d, n, int(repeats), a.threads, a.clock)))
         return
 
     def sub(impl, mode, L, repeats):
         cmd = [sys.executable, os.path.abspath(__file__), "--case", f"{impl},{mode},{L},{repeats}",
-               "--batch", str(b), "--d-inner", str(d), "--d-state", str(n), "--threads", str(a.threads)]
+               "--batch", str(b), "--d-inner", str(d), "--d-state", str(n), "--threads", str(a.threads),
+               "--clock", a.clock]
         env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
         out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=True).stdout
         return json.loads(out.strip().splitlines()[-1])
 
-    print(f"selective scan, b={b}, d_inner={d}, d_state={n}, fp32, delta_softplus, D, z, delta_bias; "
-          f"{a.threads} threads; fast: median of {a.repeats}, reference: median of {a.ref_repeats}")
-    print("| L | mode | reference s | fast s | speed-up | reference peak MiB | fast peak MiB | memory ratio |")
-    print("|---|---|---|---|---|---|---|---|")
+    lines, rows = [], []
+
+    def say(line=""):
+        print(line, flush=True)
+        lines.append(line)
+
+    say(f"selective scan, b={b}, d_inner={d}, d_state={n}, fp32, delta_softplus, D, z, delta_bias; "
+          f"{a.threads} threads, {a.clock} clock; fast: median of {a.repeats}, reference: median of {a.ref_repeats}")
+    say("| L | mode | reference s | fast s | speed-up | reference peak MiB | fast peak MiB | memory ratio |")
+    say("|---|---|---|---|---|---|---|---|")
     for L in a.lengths:
         for mode in ("fwd", "fwd+bwd"):
             fast = sub("fast", mode, L, a.repeats)
             t_fast = statistics.median(fast["times"])
             if mode == "fwd+bwd" and L > a.ref_bwd_max_len:
-                print(f"| {L} | {mode} | skipped (--ref-bwd-max-len {a.ref_bwd_max_len}) | {t_fast:.3f} | - | - | "
+                rows.append({"L": L, "mode": mode, "fast_s": t_fast, "fast_peak_mib": fast["peak_mib"]})
+                say(f"| {L} | {mode} | skipped (--ref-bwd-max-len {a.ref_bwd_max_len}) | {t_fast:.3f} | - | - | "
                       f"{fast['peak_mib']:.0f} | - |")
                 continue
             ref = sub("reference", mode, L, a.ref_repeats)
             t_ref = statistics.median(ref["times"])
-            print(f"| {L} | {mode} | {t_ref:.3f} | {t_fast:.3f} | {t_ref / t_fast:.0f}x | {ref['peak_mib']:.0f} | "
-                  f"{fast['peak_mib']:.0f} | {fast['peak_mib'] / max(ref['peak_mib'], 1e-9):.3f} |", flush=True)
+            rows.append({"L": L, "mode": mode, "reference_s": t_ref, "fast_s": t_fast, "speedup": t_ref / t_fast,
+                         "reference_peak_mib": ref["peak_mib"], "fast_peak_mib": fast["peak_mib"]})
+            say(f"| {L} | {mode} | {t_ref:.3f} | {t_fast:.3f} | {t_ref / t_fast:.0f}x | {ref['peak_mib']:.0f} | "
+                f"{fast['peak_mib']:.0f} | {fast['peak_mib'] / max(ref['peak_mib'], 1e-9):.3f} |")
 
     try:
         import torch
 
         if torch.cuda.is_available():
-            cuda_section(b, d, n, a.lengths, a.repeats)
+            cuda_section(b, d, n, a.lengths, a.repeats, print=say)
         else:
-            print("\nNo CUDA device: Triton kernels not timed.")
+            say("\nNo CUDA device: Triton kernels not timed.")
     except ImportError as e:
-        print(f"\nTriton section skipped: {e}")
+        say(f"\nTriton section skipped: {e}")
+    if a.out:
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+        from common import machine, write_json
+
+        torch.set_num_threads(a.threads)  # what machine() reports: the threads every case ran with
+        write_json(a.out, {"command": "python benchmarks/bench_scan.py " + " ".join(sys.argv[1:]),
+                           "machine": {**machine(), "load_average": os.getloadavg()},
+                           "settings": {k: v for k, v in vars(a).items() if k not in ("case", "out")},
+                           "rows": rows, "output": "\n".join(lines)})
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Sinkhorn routing: passes to converge and the balance they buy, per init and stopping rule; and time.
 
-    python benchmarks/bench_sinkhorn.py [--tokens 4096] [--experts 8] [--repeats 5]
+    python benchmarks/bench_sinkhorn.py [--tokens 4096] [--experts 8] [--repeats 5] [--out FILE.json]
 
 Table 1, for router logits N(0, std^2) with std 0.1 .. 5 (sharper logits = tokens agree more):
 passes run (cap 100, tol 1e-4, logit_scale 2 as released) and the expert load imbalance of the
@@ -23,6 +23,8 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import machine, write_json  # noqa: E402
 from minimamba_moe import fast, reference  # noqa: E402
 
 STDS = (0.1, 0.3, 1.0, 2.0, 5.0)
@@ -40,17 +42,17 @@ def imbalance(routes, E):
     return (load.max() / load.mean()).item()
 
 
-def timed(fn, repeats, device):
+def timed(fn, repeats, device, clock=time.perf_counter):
     times = []
     for i in range(repeats + 1):
         if device.startswith("cuda"):
             torch.cuda.synchronize()
-        start = time.perf_counter()
+        start = clock()
         fn()
         if device.startswith("cuda"):
             torch.cuda.synchronize()
         if i:
-            times.append(time.perf_counter() - start)
+            times.append(clock() - start)
     return statistics.median(times)
 
 
@@ -61,31 +63,52 @@ def main():
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--clock", default="wall", choices=["wall", "cpu"],
+                        help="wall: elapsed time; cpu: CPU seconds of this process (with --threads 1, the time it "
+                             "would take on an idle core, whatever else runs on a shared machine)")
+    parser.add_argument("--out", default="", help="write the rows and the printed tables as JSON here")
     args = parser.parse_args()
+    clock = time.process_time if args.clock == "cpu" else time.perf_counter
     torch.set_num_threads(args.threads)
     T, E = args.tokens, args.experts
-    print(f"T = {T} tokens, E = {E} experts, tol 1e-4, cap 100 passes, logit_scale 2, device {args.device}\n")
-    print("| logit std | argmax only: imbalance | " + " | ".join(f"{i} + {s}: passes, imbalance" for i, s in RULES) + " |")
-    print("|---" * (2 + len(RULES)) + "|")
+    lines, balance, timing = [], [], []
+
+    def say(line=""):
+        print(line, flush=True)
+        lines.append(line)
+
+    say(f"T = {T} tokens, E = {E} experts, tol 1e-4, cap 100 passes, logit_scale 2, device {args.device}, "
+        f"{args.clock} clock\n")
+    say("| logit std | argmax only: imbalance | " + " | ".join(f"{i} + {s}: passes, imbalance" for i, s in RULES) + " |")
+    say("|---" * (2 + len(RULES)) + "|")
     for std in STDS:
         logits = make_logits(T, E, std, args.device)
-        cells = [f"{imbalance(logits.argmax(1), E):.2f}"]
+        argmax = imbalance(logits.argmax(1), E)
+        cells = [f"{argmax:.2f}"]
         for init, stopping in RULES:
             P, n = fast.sinkhorn(logits, init=init, stopping=stopping, max_iters=100)
-            cells.append(f"{int(n)}, {imbalance(P.argmax(1), E):.2f}")
-        print(f"| {std} | " + " | ".join(cells) + " |", flush=True)
+            balance.append({"std": std, "argmax_imbalance": argmax, "init": init, "stopping": stopping,
+                            "passes": int(n), "imbalance": imbalance(P.argmax(1), E)})
+            cells.append(f"{int(n)}, {balance[-1]['imbalance']:.2f}")
+        say(f"| {std} | " + " | ".join(cells) + " |")
 
-    print(f"\n| logit std | init + rule | passes | reference ms | fast ms | ratio |")
-    print("|---|---|---|---|---|---|")
+    say("\n| logit std | init + rule | passes | reference ms | fast ms | ratio |")
+    say("|---|---|---|---|---|---|")
     for std in (0.3, 2.0):
         logits = make_logits(T, E, std, args.device)
         for init, stopping in RULES:
             kw = dict(init=init, stopping=stopping, max_iters=100)
             n = int(fast.sinkhorn(logits, **kw)[1])
-            t_ref = timed(lambda: reference.sinkhorn(logits, **kw), args.repeats, args.device)
-            t_fast = timed(lambda: fast.sinkhorn(logits, **kw), args.repeats, args.device)
-            print(f"| {std} | {init} + {stopping} | {n} | {1e3 * t_ref:.2f} | {1e3 * t_fast:.2f} "
-                  f"| {t_ref / t_fast:.2f}x |", flush=True)
+            t_ref = timed(lambda: reference.sinkhorn(logits, **kw), args.repeats, args.device, clock)
+            t_fast = timed(lambda: fast.sinkhorn(logits, **kw), args.repeats, args.device, clock)
+            timing.append({"std": std, "init": init, "stopping": stopping, "passes": n, "reference_ms": 1e3 * t_ref,
+                           "fast_ms": 1e3 * t_fast, "ratio": t_ref / t_fast})
+            say(f"| {std} | {init} + {stopping} | {n} | {1e3 * t_ref:.2f} | {1e3 * t_fast:.2f} "
+                f"| {t_ref / t_fast:.2f}x |")
+    write_json(args.out, {"command": "python benchmarks/bench_sinkhorn.py " + " ".join(sys.argv[1:]),
+                          "machine": {**machine(), "load_average": os.getloadavg()},
+                          "settings": {k: v for k, v in vars(args).items() if k != "out"},
+                          "balance": balance, "timing": timing, "output": "\n".join(lines)})
 
 
 if __name__ == "__main__":

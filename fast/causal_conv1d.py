@@ -32,7 +32,8 @@ def _autocast_off(x):
 
 
 # --8<-- [start:causal_conv1d]
-def causal_conv1d(x, weight, bias=None, conv_state=None, activation=None):
+def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                  conv_state: torch.Tensor | None = None, activation: str | None = None) -> torch.Tensor:
     """Depthwise causal convolution of a whole sequence.
 
     Args:
@@ -66,7 +67,8 @@ def causal_conv1d(x, weight, bias=None, conv_state=None, activation=None):
 # --8<-- [end:causal_conv1d]
 
 
-def causal_conv1d_update(x, conv_state, weight, bias=None, activation=None):
+def causal_conv1d_update(x: torch.Tensor, conv_state: torch.Tensor, weight: torch.Tensor,
+                         bias: torch.Tensor | None = None, activation: str | None = None) -> torch.Tensor:
     """One decode step: push ``x`` into ``conv_state`` (in place) and convolve the window.
 
     Args:

@@ -34,7 +34,8 @@ except ImportError:
 OFFSET_LIMIT = 2**31  # the Triton kernels' offsets are 32-bit: larger problems take the PyTorch path
 
 
-def moe_experts(x, expert_idx, gates, w1, w2, activation="swiglu"):
+def moe_experts(x: torch.Tensor, expert_idx: torch.Tensor, gates: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor,
+                activation: str = "swiglu") -> torch.Tensor:
     """Send every (token, slot) to its expert and sum the gated outputs per token.
 
     Args:

@@ -59,7 +59,7 @@ def _aligned(*tensors) -> bool:
 
 
 # --8<-- [start:grouped_mm]
-def grouped_mm(a, b, offsets):
+def grouped_mm(a: torch.Tensor, b: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
     """Row group e of a (rows offsets[e] : offsets[e+1]) times b[e]: (n, K) x (E, K, M) -> (n, M)."""
     if _GROUPED_MM is not None and a.shape[0] > 0 and _aligned(a, b):
         return _GROUPED_MM(a, b, offs=offsets[1:].to(torch.int32))

@@ -78,6 +78,7 @@ def largest_operand(T, k, d, F1, f, E):
     return max(T * d, T * k * F1, T * k * f, E * F1 * d, E * d * f)
 
 
-def moe_experts_triton(x, expert_idx, gates, w1, w2, activation="swiglu"):
+def moe_experts_triton(x: torch.Tensor, expert_idx: torch.Tensor, gates: torch.Tensor, w1: torch.Tensor,
+                       w2: torch.Tensor, activation: str = "swiglu") -> torch.Tensor:
     """moe_experts through the Triton kernels (any device the kernels run on; arguments not re-checked)."""
     return MoEExpertsTriton.apply(x, expert_idx, gates, w1, w2, activation)

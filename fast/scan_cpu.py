@@ -206,6 +206,9 @@ class _ScanCPU(torch.autograd.Function):
 # --8<-- [end:ScanCPU]
 
 
-def selective_scan_cpu(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, f):
+def selective_scan_cpu(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
+                       D: torch.Tensor | None, z: torch.Tensor | None, delta_bias: torch.Tensor | None,
+                       delta_softplus: bool, initial_state: torch.Tensor | None,
+                       f: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """(out (b, d, l) in u.dtype, last state (b, d, n) in f). Arguments already checked."""
     return _ScanCPU.apply(u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus, f)

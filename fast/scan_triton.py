@@ -135,8 +135,11 @@ def largest_operand(b, d, L, n):
     return max(b * d * L, b * chunks * d * n, d_blocks * b * n * L)
 
 
-def selective_scan_triton(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
-                          initial_state=None, block_l=None, block_d=None):
+def selective_scan_triton(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
+                          D: torch.Tensor | None = None, z: torch.Tensor | None = None,
+                          delta_bias: torch.Tensor | None = None, delta_softplus: bool = False,
+                          initial_state: torch.Tensor | None = None, block_l: int | None = None,
+                          block_d: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """reference.selective_scan in Triton (arguments unchecked): -> (out (b, d, l) u.dtype, last (b, d, n) fp32).
 
     Differentiable in every tensor argument. ``block_l`` / ``block_d`` override the chunk length and

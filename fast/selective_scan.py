@@ -40,19 +40,11 @@ def _use_triton(*tensors):
     return selective_scan_triton is not None and all(t.is_cuda and t.dtype in _TRITON_DTYPES for t in ts)
 
 
-def selective_scan(
-    u,
-    delta,
-    A,
-    B,
-    C,
-    D=None,
-    z=None,
-    delta_bias=None,
-    delta_softplus=False,
-    initial_state=None,
-    return_last_state=False,
-):
+def selective_scan(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
+                   D: torch.Tensor | None = None, z: torch.Tensor | None = None,
+                   delta_bias: torch.Tensor | None = None, delta_softplus: bool = False,
+                   initial_state: torch.Tensor | None = None,
+                   return_last_state: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Run the selective scan over a whole sequence.
 
     Args:
@@ -86,7 +78,9 @@ def selective_scan(
     return (out, last) if return_last_state else out
 
 
-def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False):
+def selective_state_update(state: torch.Tensor, x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
+                           C: torch.Tensor, D: torch.Tensor | None = None, z: torch.Tensor | None = None,
+                           dt_bias: torch.Tensor | None = None, dt_softplus: bool = False) -> torch.Tensor:
     """Advance the scan by one position (decoding), updating ``state`` in place.
 
     Equals one position of ``selective_scan`` started from ``initial_state=state``.

@@ -29,7 +29,8 @@ except ImportError:
     sinkhorn_triton = None
 
 
-def sinkhorn(logits, init="blackmamba", stopping="absolute", tol=1e-4, max_iters=100, eps=1e-8, logit_scale=2.0):
+def sinkhorn(logits: torch.Tensor, init: str = "blackmamba", stopping: str = "absolute", tol: float = 1e-4,
+             max_iters: int = 100, eps: float = 1e-8, logit_scale: float = 2.0) -> tuple[torch.Tensor, torch.Tensor]:
     """Balance exp(logit_scale * logits) to rows summing to 1/T and columns to 1/E.
 
     Args:
@@ -55,7 +56,8 @@ def sinkhorn(logits, init="blackmamba", stopping="absolute", tol=1e-4, max_iters
     return sinkhorn_cpu(logits, init, stopping, tol, max_iters, eps, logit_scale)
 
 
-def sinkhorn_cpu(logits, init, stopping, tol, max_iters, eps, logit_scale):
+def sinkhorn_cpu(logits: torch.Tensor, init: str, stopping: str, tol: float, max_iters: int, eps: float,
+                 logit_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """The reference's passes, keeping r = c @ d1 from one pass to the next (see the module doc)."""
     T, E = logits.shape
     c = torch.exp(logit_scale * logits.to(compute_dtype(logits)))  # (T, E)

@@ -100,8 +100,9 @@ def block_sizes(E):
     return 2048 // BLOCK_E, BLOCK_E
 
 
-def sinkhorn_triton(logits, init="blackmamba", stopping="absolute", tol=1e-4, max_iters=100, eps=1e-8,
-                    logit_scale=2.0):
+def sinkhorn_triton(logits: torch.Tensor, init: str = "blackmamba", stopping: str = "absolute", tol: float = 1e-4,
+                    max_iters: int = 100, eps: float = 1e-8,
+                    logit_scale: float = 2.0) -> tuple[torch.Tensor, torch.Tensor]:
     """reference.sinkhorn in one launch (fp32). logits (T, E), E <= 64 -> (P (T, E) fp32, n_iters ())."""
     T, E = logits.shape
     if E > 64:

@@ -61,7 +61,10 @@ def block_sizes(d, n):
     return min(BLOCK_D_STEP, triton.next_power_of_2(d)), max(2, triton.next_power_of_2(n))
 
 
-def selective_state_update_triton(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False):
+def selective_state_update_triton(state: torch.Tensor, x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor,
+                                  B: torch.Tensor, C: torch.Tensor, D: torch.Tensor | None = None,
+                                  z: torch.Tensor | None = None, dt_bias: torch.Tensor | None = None,
+                                  dt_softplus: bool = False) -> torch.Tensor:
     """reference.selective_state_update in Triton (arguments unchecked; state fp32): -> out (b, d) in x.dtype."""
     b, d, n = state.shape
     io = x.dtype if x.dtype in (torch.float32, torch.bfloat16, torch.float16) else torch.float32

@@ -30,7 +30,7 @@ from .checks import check_expert_mlp, check_expert_range, check_moe_experts, com
 
 
 # --8<-- [start:expert_mlp]
-def expert_mlp(x, w1, w2, activation):
+def expert_mlp(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, activation: str) -> torch.Tensor:
     """One expert's MLP: act(x @ w1.T) @ w2.T, no biases.
 
     Args:
@@ -59,7 +59,8 @@ def expert_mlp(x, w1, w2, activation):
 
 
 # --8<-- [start:moe_experts]
-def moe_experts(x, expert_idx, gates, w1, w2, activation="swiglu"):
+def moe_experts(x: torch.Tensor, expert_idx: torch.Tensor, gates: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor,
+                activation: str = "swiglu") -> torch.Tensor:
     """Send every (token, slot) to its expert and sum the gated outputs per token.
 
     Args:

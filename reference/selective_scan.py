@@ -32,19 +32,11 @@ from .checks import check_selective_scan, check_selective_state_update, compute_
 
 
 # --8<-- [start:selective_scan]
-def selective_scan(
-    u,
-    delta,
-    A,
-    B,
-    C,
-    D=None,
-    z=None,
-    delta_bias=None,
-    delta_softplus=False,
-    initial_state=None,
-    return_last_state=False,
-):
+def selective_scan(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
+                   D: torch.Tensor | None = None, z: torch.Tensor | None = None,
+                   delta_bias: torch.Tensor | None = None, delta_softplus: bool = False,
+                   initial_state: torch.Tensor | None = None,
+                   return_last_state: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Run the selective scan over a whole sequence.
 
     Args:
@@ -103,7 +95,9 @@ def selective_scan(
 
 
 # --8<-- [start:selective_state_update]
-def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False):
+def selective_state_update(state: torch.Tensor, x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
+                           C: torch.Tensor, D: torch.Tensor | None = None, z: torch.Tensor | None = None,
+                           dt_bias: torch.Tensor | None = None, dt_softplus: bool = False) -> torch.Tensor:
     """Advance the scan by one position (decoding), updating ``state`` in place.
 
     Equals one position of ``selective_scan`` started from ``initial_state=state``.

@@ -52,7 +52,8 @@ from .checks import check_sinkhorn, compute_dtype
 
 
 # --8<-- [start:sinkhorn]
-def sinkhorn(logits, init="blackmamba", stopping="absolute", tol=1e-4, max_iters=100, eps=1e-8, logit_scale=2.0):
+def sinkhorn(logits: torch.Tensor, init: str = "blackmamba", stopping: str = "absolute", tol: float = 1e-4,
+             max_iters: int = 100, eps: float = 1e-8, logit_scale: float = 2.0) -> tuple[torch.Tensor, torch.Tensor]:
     """Balance exp(logit_scale * logits) to rows summing to 1/T and columns to 1/E.
 
     Args:

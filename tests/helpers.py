@@ -10,8 +10,8 @@ import torch
 EXTRAS = {
     "hf": ("tokenizers",),
     "plots": ("matplotlib",),
-    "docs": ("mkdocs", "material", "mkdocstrings", "latex2mathml"),
-    "docs-test": ("playwright",),
+    "docs": ("mkdocs", "material", "mkdocstrings", "latex2mathml", "ruff", "jupytext"),
+    "docs-test": ("playwright", "jupytext", "nbclient", "ipykernel"),
 }
 
 

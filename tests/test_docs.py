@@ -164,7 +164,9 @@ RUN_HERE = {
     "python docs/tutorial/verify_steps.py shrink",
 }
 # Commands that write into the repository: run with --out into a temporary folder instead.
-WRITES = {"python docs/figures/make_figures.py": "--out {tmp}"}
+WRITES = {"python docs/figures/make_figures.py": "--out {tmp}",
+          "python benchmarks/sinkhorn_passes.py --out benchmarks/results/sinkhorn_passes.json":
+              "--out {tmp}/sinkhorn_passes.json"}
 # Commands that would train for many minutes: run with --plan, which checks every setting and exits.
 PLANNED = {"python train.py --max_steps=1000 --d_model=256 --lr=1e-3": "--plan"}
 RUN_HERE |= set(WRITES) | set(PLANNED) | {"python train.py --preset=blackmamba-2.8b --plan --nproc=8"}
@@ -191,7 +193,7 @@ RUN_ELSEWHERE = {
         ("tests/test_benchmarks.py", "test_bench_generate"),
     "python benchmarks/reproduce_moe_mamba.py --out benchmarks/results/reproduce_moe_mamba.json --png docs/figures/reproduce_moe_mamba.png":
         ("tests/test_benchmarks.py", "test_reproduce_moe_mamba"),
-    "python benchmarks/reproduce_moe_mamba.py --steps 1000 --out benchmarks/results/reproduce_moe_mamba_1000.json --png docs/figures/reproduce_moe_mamba_1000.png":
+    "python benchmarks/reproduce_moe_mamba.py --steps 1000 --seeds 0,1 --out benchmarks/results/reproduce_moe_mamba_1000.json --png docs/figures/reproduce_moe_mamba_1000.png":
         ("tests/test_benchmarks.py", "test_reproduce_moe_mamba"),
     "python benchmarks/reproduce_blackmamba.py --out benchmarks/results/reproduce_blackmamba.json --png docs/figures/reproduce_blackmamba.png":
         ("tests/test_benchmarks.py", "test_reproduce_blackmamba"),

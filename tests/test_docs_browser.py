@@ -7,8 +7,15 @@ For every HTML page of `mkdocs build --strict` (served from 127.0.0.1 by a threa
 - every formula is rendered: no `arithmatex` placeholder is left, no raw TeX delimiter or TeX
   command shows in the page's visible text, every `<math>` element has a non-empty box and no
   `<merror>`;
-- every image loads (complete, natural width > 0);
-- no `--8<--` is shown (a code include pymdownx.snippets did not expand, e.g. mis-indented).
+- every image loads (complete, natural width > 0), and every SVG figure shows at its natural width
+  at 1280 px (they are drawn with text of 8.5 pt or larger: a figure scaled down is illegible);
+- no `--8<--` is shown (a code include pymdownx.snippets did not expand, e.g. mis-indented);
+- the reading surface, at a 1280 x 900 window: at most 5 % of all `pre > code` blocks of the site
+  (collapsed `???` blocks opened first) are wider than their box and scroll sideways.
+Then, from the built files: no TeX survives inside a rendered formula (`\\arg` that latex2mathml
+passed through as an identifier, a stray brace or `^`), and every included code block's title links
+to a copy of its file in the site (`source/<path>.html`, docs/hooks/sources.py) at an anchor that
+exists. The pages of `source/` are plain highlighted files and are not opened one by one.
 
 Needs the `docs` and `docs-test` extras (mkdocs, playwright: marked `needs_extra`, see conftest.py)
 and Debian's `chromium` at /usr/bin/chromium (Playwright's own browser download does not work here).
@@ -32,6 +39,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 CHROMIUM = os.environ.get("MINIMAMBA_CHROMIUM", "/usr/bin/chromium")
+MAX_SCROLLING_CODE = 0.05  # the share of code blocks allowed to scroll sideways at 1280 px
 RAW_TEX = re.compile(r"\\\(|\\\)|\\\[|\\\]|\$\$|\\(frac|sum|prod|odot|exp|log|mathrm|operatorname|text|bar|Delta|sigma)\b")
 
 
@@ -79,12 +87,13 @@ def test_every_page_loads_offline_with_math_and_figures(site):
     from playwright.sync_api import sync_playwright
 
     out, base = site
-    pages = sorted(p.relative_to(out).as_posix() for p in out.rglob("*.html"))
+    pages = sorted(p.relative_to(out).as_posix() for p in out.rglob("*.html") if not p.relative_to(out).parts[0] == "source")
     assert len(pages) >= 10, f"only {len(pages)} pages built: {pages}"
-    problems, counts = [], {"pages": 0, "requests": 0, "formulas": 0, "images": 0}
+    problems, counts = [], {"pages": 0, "requests": 0, "formulas": 0, "images": 0, "code": 0, "scrolling": 0}
+    scrolling = []
     with sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
-        page = browser.new_page()
+        page = browser.new_page(viewport={"width": 1280, "height": 900})
         log = {"requests": [], "failed": [], "console": []}
         page.on("request", lambda r: log["requests"].append(r.url))
         page.on("requestfailed", lambda r: log["failed"].append(f"{r.url} ({r.failure})"))
@@ -113,6 +122,8 @@ def test_every_page_loads_offline_with_math_and_figures(site):
                   emptyMath: maths.filter(m => { const r = m.getBoundingClientRect(); return r.width <= 0 || r.height <= 0; }).length,
                   merror: document.querySelectorAll('merror').length,
                   images: [...document.images].map(i => [i.currentSrc || i.src, i.complete && i.naturalWidth > 0]),
+                  shrunk: [...document.querySelectorAll('article img')].filter(i => i.src.endsWith('.svg')
+                          && i.clientWidth < 0.95 * i.naturalWidth).map(i => [i.src, i.naturalWidth, i.clientWidth]),
                 };
             }""")
             if check["snippetMarks"]:
@@ -121,10 +132,24 @@ def test_every_page_loads_offline_with_math_and_figures(site):
                 here.append(f"{check['placeholders']} math placeholders not converted to MathML")
             if check["emptyMath"] or check["merror"]:
                 here.append(f"{check['emptyMath']} formulas with an empty box, {check['merror']} <merror>")
+            code = page.evaluate("""() => {
+                document.querySelectorAll('details').forEach(d => { d.open = true; });
+                const blocks = [...document.querySelectorAll('pre > code')];
+                return {n: blocks.length, wide: blocks.filter(c => c.scrollWidth > c.clientWidth)
+                        .map(c => c.innerText.split('\\n').find(l => l.length === Math.max(
+                            ...c.innerText.split('\\n').map(x => x.length))).slice(0, 60))};
+            }""")
+            counts["code"] += code["n"]
+            counts["scrolling"] += len(code["wide"])
+            scrolling += [f"{rel}: {w!r}" for w in code["wide"]]
             tex = sorted({m.group(0) for m in RAW_TEX.finditer(_outside_code(page))})
             if tex:
                 here.append(f"raw TeX visible in the text: {tex}")
             here += [f"image did not load: {src}" for src, ok in check["images"] if not ok]
+            # The SVG figures are drawn at the size they are read (docs/figures/make_figures.py: 8.5 pt
+            # text or larger); one shown smaller than that at 1280 px has text under ~11 px.
+            here += [f"figure {src} is {shown} px wide, scaled down from {natural} px: its text is too small; "
+                     f"draw it narrower" for src, natural, shown in check["shrunk"]]
             problems += [f"{rel}: {p}" for p in here]
             counts["pages"] += 1
             counts["requests"] += len(log["requests"])
@@ -134,6 +159,49 @@ def test_every_page_loads_offline_with_math_and_figures(site):
     print(f"browser test: {counts}")
     assert not problems, f"{len(problems)} problems in the built site:\n  " + "\n  ".join(problems)
     assert counts["formulas"] > 0 and counts["images"] > 0, f"no formula or no figure on any page: {counts}"
+    assert counts["scrolling"] <= MAX_SCROLLING_CODE * counts["code"], (
+        f"{counts['scrolling']} of {counts['code']} code blocks scroll sideways at 1280 px (at most "
+        f"{MAX_SCROLLING_CODE:.0%}); their longest lines:\n  " + "\n  ".join(scrolling))
+
+
+TEX_IN_MATH = re.compile(r"\\[A-Za-z]+|\\[{}|,;:! ]|[{}^]")
+
+
+def test_no_tex_survives_inside_rendered_math(site):
+    """latex2mathml passes a command it does not know (`\\arg`) through as text inside the <math>."""
+    import html
+
+    out, _ = site
+    problems = []
+    for f in sorted(out.rglob("*.html")):
+        for m in re.finditer(r"<math\b.*?</math>", f.read_text(encoding="utf-8"), re.S):
+            text = html.unescape(re.sub(r"<[^>]+>", " ", m.group(0)))
+            bad = sorted(set(TEX_IN_MATH.findall(text)))
+            if bad:
+                problems.append(f"{f.relative_to(out).as_posix()}: {bad} in {' '.join(text.split())[:80]!r}")
+    assert not problems, "TeX left inside rendered formulas (write it so latex2mathml knows it):\n  " + "\n  ".join(problems)
+
+
+def test_every_included_code_block_links_to_its_file(site):
+    out, _ = site
+    links, problems = 0, []
+    for f in sorted(out.rglob("*.html")):
+        if f.relative_to(out).parts[0] == "source":
+            continue
+        text = f.read_text(encoding="utf-8")
+        blocks = text.count('<span class="filename">source: ')
+        found = re.findall(r'<a class="snippet-source" href="([^"#]+)#(L-\d+)">', text)
+        if len(found) != blocks:
+            problems.append(f"{f.relative_to(out)}: {blocks} source titles but {len(found)} links")
+        for href, anchor in found:
+            target = (f.parent / href).resolve()
+            links += 1
+            if not target.is_file():
+                problems.append(f"{f.relative_to(out)}: {href} is not in the site")
+            elif f'id="{anchor}"' not in target.read_text(encoding="utf-8"):
+                problems.append(f"{f.relative_to(out)}: {href} has no line anchor {anchor}")
+    assert links >= 30, f"only {links} included code blocks link to their source"
+    assert not problems, "\n  ".join(problems)
 
 
 def _outside_code(page) -> str:

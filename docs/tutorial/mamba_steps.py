@@ -1,3 +1,4 @@
+# %%
 """The Mamba block on a CPU: its shapes, and its decode state (the companion script of docs/mamba-block.md).
 
     python docs/tutorial/mamba_steps.py shapes   # every tensor of one forward pass, with its shape
@@ -9,6 +10,7 @@ causal convolution (reference/causal_conv1d.py, fast/causal_conv1d.py); tests/te
 the commands and checks that the page shows their output.
 """
 
+# %%
 import argparse
 
 import torch
@@ -17,11 +19,13 @@ from minimamba_moe import ModelConfig
 from minimamba_moe.mamba import MambaMixer
 
 
+# %%
 def err(a, b):
     e = (a.double() - b.double()).abs().max().item()
     return "0" if e == 0 else f"{e:.0e}"
 
 
+# %%
 def step_shapes():
     # --8<-- [start:shapes-run]
     config = ModelConfig.from_preset("tiny")  # d_model 128 -> d_inner 256, d_state 16, dt_rank 8
@@ -43,6 +47,7 @@ def step_shapes():
     # --8<-- [end:shapes-run]
 
 
+# %%
 def step_conv():
     from minimamba_moe import fast, reference
 
@@ -67,6 +72,7 @@ def step_conv():
     # --8<-- [end:conv-run]
 
 
+# %%
 def step_decode():
     # --8<-- [start:decode-run]
     torch.manual_seed(0)
@@ -86,8 +92,19 @@ def step_decode():
     # --8<-- [end:decode-run]
 
 
+# %%
 STEPS = {"shapes": step_shapes, "conv": step_conv, "decode": step_decode}
 
+# %% [markdown]
+# In a notebook, every step in turn; as a script, the step named on the command line.
+
+# %% active="ipynb"
+# torch.set_num_threads(1)
+# for name, step in STEPS.items():
+#     print(f"--- {name}")
+#     step()
+
+# %% active="py"
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("step", choices=STEPS)

@@ -1,3 +1,4 @@
+# %%
 """Mixture of Experts, step by step: routing, Sinkhorn, grouping by expert, the grouped GEMMs.
 
 The companion script of docs/moe.md and docs/moe-kernels.md. Each step is one command:
@@ -13,6 +14,19 @@ Every step runs the project's own code; tests/test_docs.py runs each command and
 page shows its output.
 """
 
+# %% [markdown]
+# In a notebook: without a GPU, Triton's interpreter runs the kernels on the CPU. It is chosen when
+# triton is imported, so it is set first.
+
+# %% active="ipynb"
+# import os
+#
+# import torch
+#
+# if not torch.cuda.is_available():
+#     os.environ["TRITON_INTERPRET"] = "1"
+
+# %%
 import argparse
 import os
 import sys
@@ -23,12 +37,14 @@ from minimamba_moe import ModelConfig, reference
 from minimamba_moe.fast.routing import group_by_expert
 
 
+# %%
 def err(a, b):
     """The largest absolute difference, printed with one significant digit (the exact bits vary by machine)."""
     e = (a.double() - b.double()).abs().max().item()
     return "0" if e == 0 else f"{e:.0e}"
 
 
+# %%
 def step_switch():
     from minimamba_moe.moe import route_switch
 
@@ -50,6 +66,7 @@ def step_switch():
     # --8<-- [end:switch-run]
 
 
+# %%
 def step_sinkhorn():
     # --8<-- [start:sinkhorn-run]
     g = torch.Generator().manual_seed(0)
@@ -66,6 +83,7 @@ def step_sinkhorn():
     # --8<-- [end:sinkhorn-run]
 
 
+# %%
 def step_passes():
     # --8<-- [start:passes-run]
     g = torch.Generator().manual_seed(0)
@@ -80,6 +98,7 @@ def step_passes():
     # --8<-- [end:passes-run]
 
 
+# %%
 def step_grouping():
     # --8<-- [start:grouping-run]
     expert_idx = torch.tensor([[2, 0], [1, 2], [0, -1], [2, 3], [0, 1], [3, 2]])  # (T=6, k=2), -1 = dropped
@@ -93,6 +112,7 @@ def step_grouping():
     # --8<-- [end:grouping-run]
 
 
+# %%
 def moe_inputs(T=40, d=16, f=8, E=4, k=2, activation="swiglu", seed=0, dtype=torch.float32):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(T, d, generator=g, dtype=dtype)
@@ -104,6 +124,7 @@ def moe_inputs(T=40, d=16, f=8, E=4, k=2, activation="swiglu", seed=0, dtype=tor
     return x, expert_idx, gates, w1, w2
 
 
+# %%
 def compare(name, moe, device="cpu"):
     """Outputs and gradients of x, gates, w1, w2 against the reference loop over experts."""
     x, expert_idx, gates, w1, w2 = moe_inputs()
@@ -118,6 +139,7 @@ def compare(name, moe, device="cpu"):
     print("  " + ", ".join(f"{lab} {err(a, b)}" for lab, a, b in zip(labels, results[name], results["reference"])))
 
 
+# %%
 def step_cpu():
     from minimamba_moe import fast
 
@@ -126,6 +148,7 @@ def step_cpu():
     # --8<-- [end:cpu-run]
 
 
+# %%
 def step_triton():
     if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
         sys.exit("No CUDA device: run with TRITON_INTERPRET=1 so that Triton's interpreter runs the kernels on the CPU.")
@@ -136,10 +159,21 @@ def step_triton():
     # --8<-- [end:triton-run]
 
 
+# %%
 STEPS = {"switch": step_switch, "sinkhorn": step_sinkhorn, "passes": step_passes,
          "grouping": step_grouping, "cpu": step_cpu,
          "triton": step_triton}
 
+# %% [markdown]
+# In a notebook, every step in turn; as a script, the step named on the command line.
+
+# %% active="ipynb"
+# torch.set_num_threads(1)
+# for name, step in STEPS.items():
+#     print(f"--- {name}")
+#     step()
+
+# %% active="py"
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("step", choices=STEPS, help="which step of docs/moe.md / docs/moe-kernels.md to run")

@@ -1,3 +1,4 @@
+# %%
 """Sampling, one rule at a time: what sample_token draws from (companion of docs/sampling.md).
 
     python docs/tutorial/sample_steps.py rules
@@ -8,6 +9,7 @@ minimamba_moe.generate.sample_token (seeded, so the output is the same on every 
 tests/test_docs.py runs the command and checks that the page shows its output.
 """
 
+# %%
 import argparse
 import math
 
@@ -16,6 +18,7 @@ import torch
 from minimamba_moe.generate import sample_token
 
 
+# %%
 # --8<-- [start:by-hand]
 def by_hand(logits, temperature=1.0, top_k=None, top_p=None):
     """The rule's distribution from its definition: scale, keep the k largest, keep the nucleus."""
@@ -37,6 +40,7 @@ def by_hand(logits, temperature=1.0, top_k=None, top_p=None):
 # --8<-- [end:by-hand]
 
 
+# %%
 def step_rules():
     # --8<-- [start:rules-run]
     logits = [2.0, 1.0, 0.5, 0.0, -1.0]  # one row, a vocabulary of 5
@@ -53,8 +57,19 @@ def step_rules():
     # --8<-- [end:rules-run]
 
 
+# %%
 STEPS = {"rules": step_rules}
 
+# %% [markdown]
+# In a notebook, every step in turn; as a script, the step named on the command line.
+
+# %% active="ipynb"
+# torch.set_num_threads(1)
+# for name, step in STEPS.items():
+#     print(f"--- {name}")
+#     step()
+
+# %% active="py"
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("step", choices=STEPS)

@@ -1,3 +1,4 @@
+# %%
 """The selective scan, the hard way: from a cumulative sum to the chunked Triton kernel and its backward.
 
 The companion script of docs/selective-scan.md. Each step is one command; on a machine without a
@@ -18,6 +19,19 @@ loop (reference/selective_scan.py). Every step prints what it compared and the l
 tests/test_docs.py runs each command and checks that the page shows its output.
 """
 
+# %% [markdown]
+# In a notebook: without a GPU, Triton's interpreter runs the kernels on the CPU. It is chosen when
+# triton is imported, so it is set first.
+
+# %% active="ipynb"
+# import os
+#
+# import torch
+#
+# if not torch.cuda.is_available():
+#     os.environ["TRITON_INTERPRET"] = "1"
+
+# %%
 import argparse
 import os
 import sys
@@ -45,12 +59,14 @@ def err(a, b):
 # --8<-- [end:helpers]
 
 
+# %%
 # --8<-- [start:cumsum]
 @triton.jit
 def _add(a, b):
     return a + b
 
 
+# %%
 @triton.jit
 def cumsum_kernel(x_ptr, h_ptr, L: tl.constexpr):
     """h_t = h_{t-1} + x_t for one sequence of L positions (L a power of 2), one program."""
@@ -61,6 +77,7 @@ def cumsum_kernel(x_ptr, h_ptr, L: tl.constexpr):
 # --8<-- [end:cumsum]
 
 
+# %%
 def step_cumsum():
     # --8<-- [start:cumsum-run]
     x = torch.arange(1.0, 9.0, device=DEVICE)  # 1, 2, ..., 8
@@ -72,6 +89,7 @@ def step_cumsum():
     # --8<-- [end:cumsum-run]
 
 
+# %%
 # --8<-- [start:recurrence]
 def recurrence_loop(a, b):
     """h_t = a_t h_{t-1} + b_t with h_{-1} = 0: the scan's recurrence for one scalar state. a, b: (L,)."""
@@ -82,6 +100,7 @@ def recurrence_loop(a, b):
     return torch.stack(hs)
 
 
+# %%
 def recurrence_by_cumsum(a, b):
     """The same h_t as two cumulative sums: h_t = π_t Σ_{s<=t} b_s / π_s, π_t = a_0 a_1 ... a_t."""
     log_p = torch.cumsum(torch.log(a), 0)  # log π_t
@@ -89,6 +108,7 @@ def recurrence_by_cumsum(a, b):
 # --8<-- [end:recurrence]
 
 
+# %%
 def step_recurrence():
     # --8<-- [start:recurrence-run]
     g = torch.Generator().manual_seed(0)
@@ -101,6 +121,7 @@ def step_recurrence():
     # --8<-- [end:recurrence-run]
 
 
+# %%
 # --8<-- [start:combine-kernel]
 @triton.jit
 def recurrence_kernel(a_ptr, b_ptr, h_ptr, L: tl.constexpr):
@@ -113,6 +134,7 @@ def recurrence_kernel(a_ptr, b_ptr, h_ptr, L: tl.constexpr):
 # --8<-- [end:combine-kernel]
 
 
+# %%
 def step_combine():
     # --8<-- [start:combine-run]
     g = torch.Generator().manual_seed(0)
@@ -127,6 +149,7 @@ def step_combine():
     # --8<-- [end:combine-run]
 
 
+# %%
 # --8<-- [start:scan-inputs]
 def scan_inputs(b=2, d=6, n=4, l=37, seed=0, dtype=torch.float32):
     """Random inputs of the model's kind: A negative, delta around 0 before the softplus."""
@@ -140,6 +163,7 @@ def scan_inputs(b=2, d=6, n=4, l=37, seed=0, dtype=torch.float32):
 # --8<-- [end:scan-inputs]
 
 
+# %%
 # --8<-- [start:tiled-kernel]
 @triton.jit
 def tiled_scan_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, y_ptr, Dm, L, N,
@@ -177,6 +201,7 @@ def tiled_scan_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, y_ptr, Dm, L, N,
 # --8<-- [end:tiled-kernel]
 
 
+# %%
 # --8<-- [start:tiled-launcher]
 def tiled_scan(u, delta, A, B, C, block_d, block_l):
     """The launcher: y (b, d, l) from float32 inputs, one program per (batch row, channel block)."""
@@ -190,6 +215,7 @@ def tiled_scan(u, delta, A, B, C, block_d, block_l):
 # --8<-- [end:tiled-launcher]
 
 
+# %%
 def step_tiled():
     # --8<-- [start:tiled-run]
     x = scan_inputs(d=6, n=3, l=37)  # 6 channels, a state of 3, 37 positions: every mask is needed
@@ -203,6 +229,7 @@ def step_tiled():
     # --8<-- [end:tiled-run]
 
 
+# %%
 def step_chunked():
     # --8<-- [start:chunked-run]
     x = scan_inputs(l=37)  # 37 positions: chunks of 8 leave a partial chunk at the end
@@ -215,6 +242,7 @@ def step_chunked():
     # --8<-- [end:chunked-run]
 
 
+# %%
 def step_backward():
     # --8<-- [start:backward-run]
     names = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
@@ -231,9 +259,20 @@ def step_backward():
     # --8<-- [end:backward-run]
 
 
+# %%
 STEPS = {"cumsum": step_cumsum, "recurrence": step_recurrence, "combine": step_combine,
          "tiled": step_tiled, "chunked": step_chunked, "backward": step_backward}
 
+# %% [markdown]
+# In a notebook, every step in turn; as a script, the step named on the command line.
+
+# %% active="ipynb"
+# torch.set_num_threads(1)
+# for name, step in STEPS.items():
+#     print(f"--- {name}")
+#     step()
+
+# %% active="py"
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("step", choices=STEPS, help="which step of docs/selective-scan.md to run")

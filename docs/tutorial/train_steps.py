@@ -1,3 +1,4 @@
+# %%
 """Training, before it starts: how much memory each paper preset needs (the companion script of docs/training.md).
 
     python docs/tutorial/train_steps.py memory
@@ -7,6 +8,7 @@ milliseconds: nothing is allocated. tests/test_docs.py runs the command and chec
 shows its output.
 """
 
+# %%
 import argparse
 
 from minimamba_moe import ModelConfig
@@ -14,10 +16,12 @@ from minimamba_moe.run.memory import GiB, inference_memory, n_params, training_m
 from minimamba_moe.run.settings import PRESET_TRAINING, TrainSettings
 
 
+# %%
 def size(n: int) -> str:
     return f"{n / GiB:.1f} GiB" if n >= GiB else f"{n / 2**20:.0f} MiB"
 
 
+# %%
 def step_memory():
     import torch
 
@@ -35,8 +39,18 @@ def step_memory():
     # --8<-- [end:memory-run]
 
 
+# %%
 STEPS = {"memory": step_memory}
 
+# %% [markdown]
+# In a notebook, every step in turn; as a script, the step named on the command line.
+
+# %% active="ipynb"
+# for name, step in STEPS.items():
+#     print(f"--- {name}")
+#     step()
+
+# %% active="py"
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("step", choices=STEPS)

@@ -1,3 +1,4 @@
+# %%
 """How a property test finds a bug: a planted one, and the smallest example Hypothesis shrinks it to.
 
 The companion script of docs/testing.md:
@@ -12,6 +13,7 @@ finds none. derandomize=True: the same search, so the same output, on every run.
 tests/test_docs.py runs the command and checks that the page shows its output.
 """
 
+# %%
 import argparse
 
 import torch
@@ -22,6 +24,7 @@ from hypothesis.errors import NoSuchExample
 from minimamba_moe import reference
 
 
+# %%
 # --8<-- [start:split-scans]
 def split_scan(u, delta, A, B, C, chunk, carry):
     """reference.selective_scan run chunk by chunk; carry=False is the planted bug."""
@@ -37,12 +40,14 @@ def split_scan(u, delta, A, B, C, chunk, carry):
 # --8<-- [end:split-scans]
 
 
+# %%
 def inputs(seed, b, d, n, l):
     g = torch.Generator().manual_seed(seed)
     r = lambda *shape: torch.randn(*shape, generator=g, dtype=torch.float64)  # noqa: E731
     return dict(u=r(b, d, l), delta=r(b, d, l), A=-torch.exp(r(d, n)), B=r(b, n, l), C=r(b, n, l))
 
 
+# %%
 def step_shrink():
     # --8<-- [start:shrink-run]
     seeds = st.integers(0, 2**31 - 1)
@@ -64,8 +69,19 @@ def step_shrink():
     # --8<-- [end:shrink-run]
 
 
+# %%
 STEPS = {"shrink": step_shrink}
 
+# %% [markdown]
+# In a notebook, every step in turn; as a script, the step named on the command line.
+
+# %% active="ipynb"
+# torch.set_num_threads(1)
+# for name, step in STEPS.items():
+#     print(f"--- {name}")
+#     step()
+
+# %% active="py"
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("step", choices=STEPS)

@@ -119,8 +119,13 @@ def plot_run(run: Path, out: Path) -> Path:
         raise PlotError(f"cannot write {what} ({out}): end --out with one of .{', .'.join(sorted(formats))}")
 
     moe = [r for r in train if r.get("tokens_per_expert")]
-    fig, axes = plt.subplots(1, 3 if moe else 1, figsize=(15 if moe else 5.5, 4), squeeze=False)
-    ax = axes[0][0]
+    # 8 inches wide at 10 pt: legible (13 px text) where the docs show it at its natural width, and
+    # still 11-12 px in a 688 px column. MoE runs: loss and imbalance side by side, the shares below.
+    style = plt.rc_context({"font.size": 10, "legend.fontsize": 9})  # read as each text is made
+    style.__enter__()
+    fig = plt.figure(figsize=(8, 6.6) if moe else (5.5, 4))
+    grid = fig.add_gridspec(2, 2, height_ratios=(1.25, 1)) if moe else fig.add_gridspec(1, 1)
+    ax = fig.add_subplot(grid[0, 0])
     steps = [r["step"] for r in train if r.get("loss") is not None]
     losses = [r["loss"] for r in train if r.get("loss") is not None]
     if steps:
@@ -136,7 +141,7 @@ def plot_run(run: Path, out: Path) -> Path:
     ax.legend()
     if moe:
         n_layers = len(moe[0]["tokens_per_expert"])
-        ax = axes[0][1]
+        ax = fig.add_subplot(grid[0, 1])
         width = max(1, len(moe) // 50)
         for layer in range(n_layers):
             imb = [imbalance(r["tokens_per_expert"][layer]) for r in moe]
@@ -144,10 +149,10 @@ def plot_run(run: Path, out: Path) -> Path:
         ax.axhline(1.0, color="black", lw=0.8, ls="--")
         ax.set_xlabel("step")
         ax.set_ylabel("max load / mean load")
-        ax.set_title("expert load imbalance (1 = balanced)")
+        ax.set_title("load imbalance (1 = balanced)")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-        ax = axes[0][2]
+        ax.legend()
+        ax = fig.add_subplot(grid[1, :])
         tail = moe[-max(1, len(moe) // 4):]
         share = []
         for layer in range(n_layers):
@@ -162,6 +167,7 @@ def plot_run(run: Path, out: Path) -> Path:
         ax.set_title(f"share of token-slots, steps {tail[0]['step']}..{tail[-1]['step']}")
         fig.colorbar(im, ax=ax)
     fig.tight_layout()
+    style.__exit__(None, None, None)
     tmp = out.with_name(f".{out.stem}.tmp{out.suffix}")
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
