@@ -21,3 +21,63 @@ def assert_close(actual, expected, *, atol: float, rtol: float, what: str = "ten
         raise AssertionError(
             f"{what}: not close (atol={atol}, rtol={rtol}): max abs err {abs_e:.3e}, max rel err {rel_e:.3e}"
         )
+
+
+# --- optional packages hidden, offline files in the layouts other libraries use ------------------------------------
+HIDE_AND_RUN = """
+import sys
+class Block:
+    def find_spec(self, name, path=None, target=None):
+        if name == {name!r} or name.startswith({name!r} + "."):
+            raise ImportError("No module named {name!r} (hidden by the test)")
+sys.meta_path.insert(0, Block())
+sys.argv = sys.argv[1:]
+import runpy
+runpy.{run}(sys.argv[0], run_name="__main__"{alter})
+"""
+
+
+def hide_and_run(module: str, script: str) -> list[str]:
+    """``[python, -c, ...]`` that runs ``script`` (a file path, or ``-m package.module``) with ``module`` hidden:
+    importing it raises ImportError, as where the package is not installed. Append the script's arguments."""
+    import sys
+
+    if script.startswith("-m "):
+        code = HIDE_AND_RUN.format(name=module, run="run_module", alter=", alter_sys=True")
+        return [sys.executable, "-c", code, script[3:]]
+    return [sys.executable, "-c", HIDE_AND_RUN.format(name=module, run="run_path", alter=""), script]
+
+
+def byte_level_bpe_tokenizer(path, vocab_size: int = 300) -> str:
+    """A GPT-NeoX-style tokenizer.json (byte-level BPE, <|endoftext|>) trained on a toy text; needs `tokenizers`."""
+    import tokenizers
+
+    tok = tokenizers.Tokenizer(tokenizers.models.BPE())
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = tokenizers.decoders.ByteLevel()
+    trainer = tokenizers.trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>"],
+                                             initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(["the cat sat on the mat, the end"] * 20, trainer)
+    tok.save(str(path))
+    return str(path)
+
+
+def hub_cache(cache, repo_id: str, files: dict, commit: str = "0123456789abcdef0123456789abcdef01234567") -> None:
+    """Put ``files`` (name -> bytes) into a Hugging Face hub cache folder the way huggingface_hub lays it out:
+    models--{owner}--{name}/blobs/<sha256>, refs/main holding the commit, snapshots/<commit>/<name> -> blob."""
+    import hashlib
+    from pathlib import Path
+
+    repo = Path(cache) / ("models--" + repo_id.replace("/", "--"))
+    (repo / "blobs").mkdir(parents=True, exist_ok=True)
+    (repo / "refs").mkdir(exist_ok=True)
+    (repo / "refs" / "main").write_text(commit)
+    snapshot = repo / "snapshots" / commit
+    snapshot.mkdir(parents=True, exist_ok=True)
+    for name, data in files.items():
+        blob = repo / "blobs" / hashlib.sha256(data).hexdigest()
+        blob.write_bytes(data)
+        link = snapshot / name
+        if link.is_symlink() or link.exists():
+            link.unlink()
+        link.symlink_to(Path("..") / ".." / "blobs" / blob.name)
