@@ -37,3 +37,22 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 # Two cores: keep torch from oversubscribing them when pytest runs.
 torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def trained_ckpt(tmp_path_factory):
+    """A small trained byte-level checkpoint (tests/helpers.py train_tiny), shared by the evaluation tests."""
+    from tests.helpers import train_tiny
+
+    path = tmp_path_factory.mktemp("trained") / "ckpt"
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)  # tiny matrices: one thread is the fastest (minimamba_moe/run/cli.py choose_threads)
+        with torch.random.fork_rng():
+            train_tiny(path)
+    finally:
+        torch.set_num_threads(threads)
+    return path

@@ -164,5 +164,8 @@ def load_pretrained(name: str, device: torch.device, dtype: torch.dtype, tokeniz
         raise ConversionError(f"{name} is a folder without a checkpoint ({CONFIG}): give a folder train.py or "
                               f"sample.py --save_converted wrote, a hub id such as {BLACKMAMBA_REPOS[0]}, or a "
                               "pytorch_model.bin.")
+    if not os.path.exists(name) and not is_hub_id(name):
+        raise ConversionError(f"No checkpoint at {name}: give a checkpoint folder (train.py's, or sample.py "
+                              f"--save_converted's), a hub id such as {BLACKMAMBA_REPOS[0]}, or a pytorch_model.bin.")
     model, tok, _ = load_blackmamba(name, tokenizer, activation, dtype)
     return model.to(device).eval(), tok
