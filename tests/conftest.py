@@ -42,6 +42,15 @@ torch.set_num_threads(min(2, torch.get_num_threads()))
 import pytest  # noqa: E402
 
 
+@pytest.fixture
+def one_thread():
+    """Small models and single-token steps: on a shared 2-core machine, intra-op threads only add waiting."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def trained_ckpt(tmp_path_factory):
     """A small trained byte-level checkpoint (tests/helpers.py train_tiny), shared by the evaluation tests."""
@@ -50,7 +59,7 @@ def trained_ckpt(tmp_path_factory):
     path = tmp_path_factory.mktemp("trained") / "ckpt"
     threads = torch.get_num_threads()
     try:
-        torch.set_num_threads(1)  # tiny matrices: one thread is the fastest (minimamba_moe/run/cli.py choose_threads)
+        torch.set_num_threads(1)  # as the one_thread fixture
         with torch.random.fork_rng():
             train_tiny(path)
     finally:

@@ -81,7 +81,7 @@ PAIRS = [("the cat sat on the", " mat"), ("the dog ", "sat on the log"), ("", "t
 
 
 @needs_eval
-def test_loglikelihood_is_the_sum_of_log_probs_over_the_harness_token_split(trained_ckpt):
+def test_loglikelihood_is_the_sum_of_log_probs_over_the_harness_token_split(trained_ckpt, one_thread):
     from minimamba_moe.interop.harness import MinimambaLM
 
     lm = MinimambaLM(pretrained=str(trained_ckpt), device="cpu", batch_size=4)
@@ -98,7 +98,7 @@ def test_loglikelihood_is_the_sum_of_log_probs_over_the_harness_token_split(trai
 
 
 @needs_eval
-def test_batch_size_1_equals_batch_size_4_and_chunks_equal_one_pass(trained_ckpt):
+def test_batch_size_1_equals_batch_size_4_and_chunks_equal_one_pass(trained_ckpt, one_thread):
     from minimamba_moe.interop.harness import MinimambaLM
 
     one, four = (MinimambaLM(pretrained=str(trained_ckpt), device="cpu", batch_size=b) for b in (1, 4))
@@ -120,7 +120,7 @@ def test_batch_size_1_equals_batch_size_4_and_chunks_equal_one_pass(trained_ckpt
 
 
 @needs_eval
-def test_generate_until_is_greedy_sample_py_output(trained_ckpt, capsys):
+def test_generate_until_is_greedy_sample_py_output(trained_ckpt, one_thread, capsys):
     sys.path.insert(0, ROOT)
     import sample
     from minimamba_moe.interop.harness import MinimambaLM
@@ -163,7 +163,7 @@ def test_the_wrapper_runs_local_tasks_through_the_harness_cli(trained_ckpt, task
 
 
 @needs_eval
-def test_simple_evaluate_with_an_adapter_instance(trained_ckpt, tasks):
+def test_simple_evaluate_with_an_adapter_instance(trained_ckpt, one_thread, tasks):
     """The harness's documented Python route for an external model: simple_evaluate(model=<an LM instance>)."""
     import lm_eval
     from lm_eval.tasks import TaskManager
@@ -171,27 +171,25 @@ def test_simple_evaluate_with_an_adapter_instance(trained_ckpt, tasks):
     from minimamba_moe.interop.harness import MinimambaLM
 
     out = lm_eval.simple_evaluate(model=MinimambaLM(pretrained=str(trained_ckpt), device="cpu", batch_size=3),
-                                  tasks=["tiny_choice"], task_manager=TaskManager(include_path=str(tasks)))
+                                  tasks=["tiny_choice"], task_manager=TaskManager(include_path=str(tasks), include_defaults=False))
     assert out["results"]["tiny_choice"]["acc,none"] == 1.0
 
 
 @needs_eval
-def test_bad_model_args_one_line(trained_ckpt, tasks, tmp_path, capsys):
+def test_bad_model_args_one_line(trained_ckpt, one_thread, tasks, tmp_path, capsys):
     from minimamba_moe.interop import harness
 
-    cases = [(f"pretrained={tmp_path / 'nowhere'}", "No checkpoint at"),
-             (f"pretrained={trained_ckpt},colour=blue", "Unknown model_args for minimamba: colour")]
-    for args, needle in cases:  # through the command: one line after the harness's own log lines
-        code = harness.main(["--model", "minimamba", "--model_args", args, "--tasks", "tiny_choice",
-                             "--include_path", str(tasks), "--device", "cpu"])
-        err = capsys.readouterr().err
-        assert code == 1 and "Traceback" not in err, err
-        last = err.strip().splitlines()[-1]
-        assert last.startswith("python -m minimamba_moe.interop.harness: error: ") and needle in last, err
+    code = harness.main(["--model", "minimamba", "--model_args", f"pretrained={tmp_path / 'nowhere'}",
+                         "--tasks", "tiny_choice", "--include_path", str(tasks), "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert code == 1 and "Traceback" not in err, err
+    last = err.strip().splitlines()[-1]  # through the command: one line after the harness's own log lines
+    assert last.startswith("python -m minimamba_moe.interop.harness: error: No checkpoint at "), err
     for kwargs, needle in [({"pretrained": str(tmp_path)}, "is a folder without a checkpoint"),
-                           ({"dtype": "float8"}, "dtype=float8: expected auto, float32"),
-                           ({"batch_size": "auto"}, "batch_size=auto: give a number"),
-                           ({"batch_size": 0}, "batch_size=0: expected at least 1")]:
+                           ({"colour": "blue"}, "Unknown model_args for minimamba: colour"),
+                           ({"dtype": "float8"}, "dtype float8: expected auto, float32"),
+                           ({"batch_size": "auto"}, "batch size auto: give a number"),
+                           ({"batch_size": 0}, "batch size 0: expected at least 1")]:
         with pytest.raises(harness.ERRORS, match=needle):
             harness.MinimambaLM(**{"pretrained": str(trained_ckpt), "device": "cpu", **kwargs})
 

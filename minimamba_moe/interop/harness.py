@@ -60,7 +60,7 @@ from minimamba_moe.run.checkpoint import CheckpointError
 from minimamba_moe.run.memory import MemoryCheckError
 from minimamba_moe.run.tokenizer import TokenizerError, load_tokenizer
 from minimamba_moe.interop.convert import DEFAULT_ACTIVATION
-from minimamba_moe.interop.hub import load_pretrained
+from minimamba_moe.interop.hub import SettingError, load_pretrained, pick_batch_size, pick_device, pick_dtype
 
 try:
     import lm_eval.models  # noqa: F401  the harness's own model names first, then ours beside them
@@ -74,44 +74,11 @@ except ImportError:
 
 NAME = "minimamba"
 NEEDS_EXTRA = "needs lm-evaluation-harness: pip install 'minimamba-moe[eval]' (lm-eval 0.4.13 or later)"
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 MAX_GEN_TOKS = 256  # the harness's default for its own models
 
 
 class HarnessArgumentError(ValueError):
     """A model_args value this adapter cannot use; the message says which and why."""
-
-
-def pick_device(device) -> torch.device:
-    if device in (None, "", "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(device)
-        torch.empty(0, device=device)
-    except (RuntimeError, AssertionError):
-        raise HarnessArgumentError(f"device={device} is not available here; use cpu or cuda.") from None
-    return device
-
-
-def pick_dtype(dtype, device: torch.device) -> torch.dtype:
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype in (None, "auto"):
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    if str(dtype) not in DTYPES:
-        raise HarnessArgumentError(f"dtype={dtype}: expected auto, {', '.join(DTYPES)}.")
-    return DTYPES[str(dtype)]
-
-
-def pick_batch_size(batch_size) -> int:
-    try:
-        n = int(batch_size)
-    except (TypeError, ValueError):
-        raise HarnessArgumentError(f"batch_size={batch_size}: give a number of sequences per forward (automatic "
-                                   "sizing is not supported by the minimamba model).") from None
-    if n < 1:
-        raise HarnessArgumentError(f"batch_size={batch_size}: expected at least 1.")
-    return n
 
 
 class MinimambaLM(TemplateLM):
@@ -308,7 +275,7 @@ class MinimambaLM(TemplateLM):
 if register_model is not None:
     register_model(NAME)(MinimambaLM)
 
-ERRORS = (CheckpointError, TokenizerError, MemoryCheckError, ConfigError, HarnessArgumentError)  # one line each
+ERRORS = (CheckpointError, TokenizerError, MemoryCheckError, ConfigError, HarnessArgumentError, SettingError)  # one line each
 
 
 def main(argv: list[str] | None = None) -> int:

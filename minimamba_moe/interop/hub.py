@@ -4,6 +4,7 @@
     load_blackmamba(id_or_path, tokenizer, ...)     -> (Model, tokenizer, tokenizer spec)
     load_pretrained(name, device, dtype)            -> (Model, tokenizer): a checkpoint folder of ours,
                                                        a hub id, or a pytorch_model.bin
+    pick_device, pick_dtype, pick_batch_size        the settings the harness and the perplexity command take
 
 What is fetched (docs/paper-facts.md#released-checkpoints says where these names come from):
 ``config.json`` and ``pytorch_model.bin`` from the BlackMamba repository, and ``tokenizer.json`` from
@@ -44,6 +45,13 @@ ZYPHRA_CONFIG_KEYS = ("num_layers", "hidden_size", "state_size", "conv_dimension
                       "mamba_moe_layers", "ffn_hidden_size", "add_bias_linear", "swiglu", "max_sequence_length")
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 WEIGHT_SUFFIXES = (".bin", ".pt", ".pth", ".safetensors")
+
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class SettingError(ValueError):
+    """A device, dtype or batch size that cannot be used here; the message says which."""
 
 
 class HubError(ConversionError):
@@ -144,6 +152,38 @@ def load_blackmamba(spec: str, tokenizer: str | None = None, activation: str = D
     if files:
         check_zyphra_config(read_zyphra_config(files.config, spec), model.config, spec)
     return model, tok, spec_tok
+
+
+def pick_device(device) -> torch.device:
+    if device in (None, "", "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(device)
+        torch.empty(0, device=device)
+    except (RuntimeError, AssertionError):
+        raise SettingError(f"device {device} is not available here; use cpu or cuda.") from None
+    return device
+
+
+def pick_dtype(dtype, device: torch.device) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype in (None, "auto"):
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if str(dtype) not in DTYPES:
+        raise SettingError(f"dtype {dtype}: expected auto, {', '.join(DTYPES)}.")
+    return DTYPES[str(dtype)]
+
+
+def pick_batch_size(batch_size) -> int:
+    try:
+        n = int(batch_size)
+    except (TypeError, ValueError):
+        raise SettingError(f"batch size {batch_size}: give a number of sequences per forward (automatic "
+                           "sizing is not supported here).") from None
+    if n < 1:
+        raise SettingError(f"batch size {batch_size}: expected at least 1.")
+    return n
 
 
 def load_pretrained(name: str, device: torch.device, dtype: torch.dtype, tokenizer: str | None = None,
