@@ -120,6 +120,37 @@ def test_batch_size_1_equals_batch_size_4_and_chunks_equal_one_pass(trained_ckpt
 
 
 @needs_eval
+def test_a_transformer_gets_the_harness_rolling_windows_and_a_context_cut_to_its_cache(tmp_path, one_thread):
+    """Attention layers hold max_seq_len positions: rolling windows of that size (each scored by a forward over
+    that window alone), a long context cut on the left, generation kept inside the cache."""
+    from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
+
+    from minimamba_moe.config import ModelConfig
+    from minimamba_moe.interop.harness import MinimambaLM
+    from minimamba_moe.model import Model
+    from minimamba_moe.run.checkpoint import save_model
+
+    torch.manual_seed(0)
+    config = ModelConfig.from_preset("transformer-25m", vocab_size=256, d_model=32, n_layer=2, n_head=2, d_ff=64,
+                                     max_seq_len=16)
+    save_model(Model(config), tmp_path / "tf", tokenizer="bytes")
+    lm = MinimambaLM(pretrained=str(tmp_path / "tf"), device="cpu", batch_size=2)
+    doc = "the cat sat on the mat, and then once more."
+    [got] = lm.loglikelihood_rolling(instances("loglikelihood_rolling", [(doc,)]), disable_tqdm=True)
+    pairs = [make_disjoint_window(w) for w in get_rolling_token_windows(list(doc.encode()), 10, 16, 1)]
+    assert len(pairs) == 3
+    assert abs(got - sum(direct_logprob(lm.model, c + t, len(t))[0] for c, t in pairs)) < 1e-4
+    ctx, cont = lm._encode_pair("x" * 40, " the cat")
+    [(ll, _)] = lm.loglikelihood(instances("loglikelihood", [("x" * 40, " the cat")]), disable_tqdm=True)
+    assert abs(ll - direct_logprob(lm.model, (ctx + cont)[-17:], len(cont))[0]) < 1e-4
+    [text] = lm.generate_until(instances("generate_until", [("x" * 40, {"until": [], "max_gen_toks": 30})]),
+                               disable_tqdm=True)
+    assert isinstance(text, str)  # 16 tokens at most: one of the prompt, 15 fed back, none past the cache
+    with pytest.raises(ValueError, match="max_length=32: this model has attention layers"):
+        MinimambaLM(pretrained=str(tmp_path / "tf"), device="cpu", max_length=32)
+
+
+@needs_eval
 def test_generate_until_is_greedy_sample_py_output(trained_ckpt, one_thread, capsys):
     sys.path.insert(0, ROOT)
     import sample
