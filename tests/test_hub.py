@@ -8,6 +8,7 @@ tests/test_convert.py's synthetic BlackMamba (the released key layout, bf16), th
 byte-level BPE tokenizer.json. Needs the `hf` extra (huggingface_hub, tokenizers).
 """
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -168,6 +169,27 @@ def test_a_config_json_that_disagrees_with_the_weights_is_refused(tmp_path, file
     hub_cache(cache, hub.TOKENIZER_REPO, {"tokenizer.json": (root / "tokenizer.json").read_bytes()})
     one_line_error(sample_here("--zyphra", REPO, cache=cache),
                    "config.json and pytorch_model.bin disagree: hidden_size = 64 but the weights have 32")
+
+
+@pytest.mark.skipif(importlib.util.find_spec("lm_eval") is None, reason="needs the `eval` extra (pip install -e '.[eval]')")
+def test_the_harness_model_takes_the_hub_id(cache, files, monkeypatch, one_thread):
+    """--model_args pretrained=Zyphra/BlackMamba-1.5B: the same fetch, the converted weights, GPT-NeoX's tokenizer."""
+    from huggingface_hub import constants
+    from lm_eval.api.instance import Instance
+
+    from minimamba_moe.interop.harness import MinimambaLM
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)  # what HF_HUB_OFFLINE=1 sets at import
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    lm = MinimambaLM(pretrained=REPO, device="cpu")
+    root, _ = files
+    tok = load_tokenizer(str(root / "tokenizer.json"))
+    direct = convert.load_zyphra(root / "pytorch_model.bin", tokenizer=tok, dtype=torch.float32)
+    assert lm.tok.vocab_size == tok.vocab_size and lm.eot_token_id == tok.eot_token
+    assert all(torch.equal(v, direct.state_dict()[k]) for k, v in lm.model.state_dict().items())
+    [(ll, _)] = lm.loglikelihood([Instance(request_type="loglikelihood", doc={}, arguments=("the cat", " sat"), idx=0)],
+                                 disable_tqdm=True)
+    assert ll < 0
 
 
 def test_names_and_paths():

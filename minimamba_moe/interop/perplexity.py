@@ -165,7 +165,7 @@ def main(argv=None) -> None:
                          "never be scored.")
     r = evaluate(model, tok, texts, context, stride, args.batch_size, device, progress=args.progress == "true")
     print(f"{args.data}: {len(files)} file{'s' * (len(files) != 1)}, {r['tokens']} tokens, {r['bytes']} bytes; "
-          f"{r['windows']} windows of {context} tokens, stride {stride}")
+          f"{r['windows']} window{'s' * (r['windows'] != 1)} of {context} tokens, stride {stride}")
     print(f"loss {r['loss']:.4f} nats/token | perplexity {r['perplexity']:.4f} | bits per byte {r['bits_per_byte']:.4f}")
 
 
