@@ -8,7 +8,6 @@ tests/test_convert.py's synthetic BlackMamba (the released key layout, bf16), th
 byte-level BPE tokenizer.json. Needs the `hf` extra (huggingface_hub, tokenizers).
 """
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -26,6 +25,7 @@ from minimamba_moe.generate import generate  # noqa: E402
 from minimamba_moe.run.checkpoint import load_model  # noqa: E402
 from minimamba_moe.run.tokenizer import load_tokenizer  # noqa: E402
 from tests.helpers import byte_level_bpe_tokenizer, hub_cache  # noqa: E402
+from tests.test_harness import needs_eval  # noqa: E402
 from tests.test_convert import synthetic_zyphra  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -171,7 +171,7 @@ def test_a_config_json_that_disagrees_with_the_weights_is_refused(tmp_path, file
                    "config.json and pytorch_model.bin disagree: hidden_size = 64 but the weights have 32")
 
 
-@pytest.mark.skipif(importlib.util.find_spec("lm_eval") is None, reason="needs the `eval` extra (pip install -e '.[eval]')")
+@needs_eval
 def test_the_harness_model_takes_the_hub_id(cache, files, monkeypatch, one_thread):
     """--model_args pretrained=Zyphra/BlackMamba-1.5B: the same fetch, the converted weights, GPT-NeoX's tokenizer."""
     from huggingface_hub import constants
