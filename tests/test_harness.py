@@ -223,7 +223,8 @@ def test_bad_model_args_one_line(trained_ckpt, one_thread, tasks, tmp_path, caps
                            ({"colour": "blue"}, "Unknown model_args for minimamba: colour"),
                            ({"dtype": "float8"}, "dtype float8: expected auto, float32"),
                            ({"batch_size": "auto"}, "batch size auto: give a number"),
-                           ({"batch_size": 0}, "batch size 0: expected at least 1")]:
+                           ({"batch_size": 0}, "batch size 0: expected at least 1"),
+                           ({"max_length": -5}, "max_length=-5, max_gen_toks=256: expected positive")]:
         with pytest.raises(harness.ERRORS, match=needle):
             harness.MinimambaLM(**{"pretrained": str(trained_ckpt), "device": "cpu", **kwargs})
 

@@ -110,10 +110,13 @@ class MinimambaLM(TemplateLM):
         config = self.model.config
         self.windowed = "attention" in config.layer_kinds  # a KV cache of max_seq_len: a hard limit
         self._max_length = int(max_length or config.max_seq_len)
+        self._max_gen_toks = int(max_gen_toks)
+        if self._max_length < 1 or self._max_gen_toks < 1:
+            raise HarnessArgumentError(f"max_length={max_length}, max_gen_toks={max_gen_toks}: expected positive "
+                                       "numbers of tokens.")
         if self.windowed and self._max_length > config.max_seq_len:
             raise HarnessArgumentError(f"max_length={max_length}: this model has attention layers, whose cache holds "
                                        f"max_seq_len={config.max_seq_len} positions at most.")
-        self._max_gen_toks = int(max_gen_toks)
 
     # --- what the harness asks of a model --------------------------------------------------------------
     @property
