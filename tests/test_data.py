@@ -7,7 +7,6 @@ damaged or stale caches, a tiny validation split, and training on text without `
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
