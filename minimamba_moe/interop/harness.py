@@ -289,13 +289,16 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     from lm_eval.__main__ import cli_evaluate
 
-    sys.argv = [prog, *(sys.argv[1:] if argv is None else argv)]
+    saved = sys.argv
+    sys.argv = [prog, *(sys.argv[1:] if argv is None else argv)]  # cli_evaluate parses sys.argv
     try:
         cli_evaluate()
     except ERRORS as e:
         message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         print(f"{prog}: error: {message}", file=sys.stderr)
         return 1
+    finally:
+        sys.argv = saved
     return 0
 
 
