@@ -204,9 +204,13 @@ def test_simple_evaluate_with_an_adapter_instance(trained_ckpt, one_thread, task
 
     from minimamba_moe.interop.harness import MinimambaLM
 
+    manager = TaskManager(include_path=str(tasks), include_defaults=False)
     out = lm_eval.simple_evaluate(model=MinimambaLM(pretrained=str(trained_ckpt), device="cpu", batch_size=3),
-                                  tasks=["tiny_choice"], task_manager=TaskManager(include_path=str(tasks), include_defaults=False))
+                                  tasks=["tiny_choice"], task_manager=manager)
     assert out["results"]["tiny_choice"]["acc,none"] == 1.0
+    by_name = lm_eval.simple_evaluate(model="minimamba", model_args=f"pretrained={trained_ckpt}", device="cpu",
+                                      tasks=["tiny_choice"], task_manager=manager)  # registered on import
+    assert by_name["results"]["tiny_choice"] == out["results"]["tiny_choice"]
 
 
 @needs_eval
