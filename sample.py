@@ -3,6 +3,7 @@
     python sample.py                                    # the checkpoint `python train.py` wrote
     python sample.py out-big --prompt "Once upon a time" --max_new_tokens 200
     echo "The meaning of life is" | python sample.py --temperature 0.7 --top_k 50
+    python sample.py --zyphra Zyphra/BlackMamba-1.5B                # fetched into the Hugging Face hub cache
     python sample.py --zyphra BlackMamba-1.5B/pytorch_model.bin --tokenizer gpt-neox-20b/tokenizer.json
 
 How it generates (minimamba_moe/generate.py): one forward pass over the prompt fills the recurrent
@@ -30,8 +31,8 @@ import torch
 from minimamba_moe.config import BACKENDS, ConfigError
 from minimamba_moe.run.checkpoint import DEFAULT_OUT_DIR, CheckpointError, load_model, read_config, recover_interrupted_save
 from minimamba_moe.run.cli import MAX_THREADS, run_main, set_threads
-from minimamba_moe.interop.convert import (ACTIVATIONS, DEFAULT_ACTIVATION, check_out_dir, load_zyphra, save_converted,
-                                           stored_tokenizer_spec)
+from minimamba_moe.interop.convert import ACTIVATIONS, DEFAULT_ACTIVATION, check_out_dir, save_converted, stored_tokenizer_spec
+from minimamba_moe.interop.hub import BLACKMAMBA_REPOS, TOKENIZER_REPO, is_hub_id, load_blackmamba
 from minimamba_moe.generate import generate_tokens
 from minimamba_moe.run.memory import MemoryCheckError, check_fits, inference_memory
 from minimamba_moe.run.tokenizer import StreamDecoder, TokenizerError, load_tokenizer
@@ -63,9 +64,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     src = ap.add_argument_group("model")
     src.add_argument("ckpt_dir", nargs="?", metavar="CKPT", help="checkpoint folder, same as --ckpt")
     src.add_argument("--ckpt", default=DEFAULT_OUT_DIR, help=f"checkpoint folder (default: {DEFAULT_OUT_DIR})")
-    src.add_argument("--zyphra", metavar="PATH", help="Zyphra's pytorch_model.bin instead of --ckpt")
+    src.add_argument("--zyphra", metavar="ID_OR_PATH", help=f"Zyphra's released BlackMamba instead of --ckpt: a hub "
+                     f"id ({', '.join(BLACKMAMBA_REPOS)}; fetched with huggingface_hub, the `hf` extra) or a "
+                     "downloaded pytorch_model.bin")
     src.add_argument("--tokenizer", help="tokenizer spec (bytes, gpt2, *.tiktoken, tokenizer.json); "
-                     "default: the checkpoint's; required with --zyphra")
+                     f"default: the checkpoint's, or {TOKENIZER_REPO}'s for a --zyphra hub id; "
+                     "required with a --zyphra path")
     src.add_argument("--activation", choices=ACTIVATIONS, default=DEFAULT_ACTIVATION,
                      help="--zyphra expert gate: geglu (default, what the released code runs) or swiglu (the paper)")
     src.add_argument("--save_converted", metavar="DIR", help="--zyphra: also save the converted model as a checkpoint")
@@ -126,17 +130,18 @@ def pick_device_dtype(args) -> tuple[torch.device, torch.dtype]:
 def load(args, device, dtype):
     """(model in eval mode on device, tokenizer)."""
     if args.zyphra:
-        if not args.tokenizer:
-            raise UsageError("--zyphra needs --tokenizer PATH/tokenizer.json (GPT-NeoX's, from EleutherAI/gpt-neox-20b).")
+        if not args.tokenizer and not is_hub_id(args.zyphra):
+            raise UsageError(f"--zyphra with a file needs --tokenizer PATH/tokenizer.json (GPT-NeoX's, from "
+                             f"{TOKENIZER_REPO}), or name a hub repository: --zyphra {BLACKMAMBA_REPOS[0]}.")
         if args.save_converted:
-            check_out_dir(args.save_converted)  # before the minutes spent reading the weights
-        tok = load_tokenizer(args.tokenizer)
-        model = load_zyphra(args.zyphra, args.activation, tok, dtype).to(device)
+            check_out_dir(args.save_converted)  # before the minutes spent fetching and reading the weights
+        model, tok, tok_spec = load_blackmamba(args.zyphra, args.tokenizer, args.activation, dtype)
+        model = model.to(device)
         n = model.count_params()
         print(f"{args.zyphra}: BlackMamba preset {model.config.name}, {model.config.mlp_activation} experts, "
               f"{n.total / 1e6:.1f}M params ({n.active / 1e6:.1f}M active)", file=sys.stderr)
         if args.save_converted:
-            save_converted(model, args.save_converted, tokenizer=stored_tokenizer_spec(args.tokenizer))
+            save_converted(model, args.save_converted, tokenizer=stored_tokenizer_spec(tok_spec))
             print(f"saved the converted checkpoint to {args.save_converted}", file=sys.stderr)
     else:
         recover_interrupted_save(args.ckpt)  # before anything reads the folder

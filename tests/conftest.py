@@ -80,3 +80,28 @@ def pytest_runtest_setup(item):
     why = os.environ.get("MINIMAMBA_REQUIRE_EXTRAS") == "1" and why_not_here(item)
     if why:  # otherwise the test was marked skip at collection
         pytest.fail(f"MINIMAMBA_REQUIRE_EXTRAS=1 but this test {why}", pytrace=False)
+
+
+@pytest.fixture
+def one_thread():
+    """Small models and single-token steps: on a shared 2-core machine, intra-op threads only add waiting."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def trained_ckpt(tmp_path_factory):
+    """A small trained byte-level checkpoint (tests/helpers.py train_tiny), shared by the evaluation tests."""
+    from tests.helpers import train_tiny
+
+    path = tmp_path_factory.mktemp("trained") / "ckpt"
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)  # as the one_thread fixture
+        with torch.random.fork_rng():
+            train_tiny(path)
+    finally:
+        torch.set_num_threads(threads)
+    return path

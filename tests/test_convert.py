@@ -26,6 +26,7 @@ from minimamba_moe.interop.convert import (
                                            load_zyphra_state_dict,
                                            zyphra_shapes,
                                            )
+from tests.helpers import byte_level_bpe_tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 D, N_LAYER, D_INNER, D_STATE, DT_RANK, N_EXPERTS, FFN, ROWS = 32, 4, 64, 16, 2, 4, 48, 320
@@ -238,15 +239,7 @@ def test_saved_conversion_loads_as_our_checkpoint(zyphra_file, tmp_path):
 @pytest.mark.needs_extra("hf")
 def test_sample_py_zyphra_end_to_end(zyphra_file, tmp_path):
     """sample.py --zyphra with a GPT-NeoX-style (byte-level BPE) tokenizer.json, then the saved checkpoint."""
-    import tokenizers
-    tok = tokenizers.Tokenizer(tokenizers.models.BPE())
-    tok.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = tokenizers.decoders.ByteLevel()
-    trainer = tokenizers.trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>"],
-                                             initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(["the cat sat on the mat, the end"] * 20, trainer)
-    tok_path = tmp_path / "tokenizer.json"
-    tok.save(str(tok_path))
+    tok_path = byte_level_bpe_tokenizer(tmp_path / "tokenizer.json")
     common = ["--prompt", "the cat", "--max_new_tokens", "6", "--temperature", "0", "--dtype", "float32"]
     run = lambda *a: subprocess.run([sys.executable, "sample.py", *a, *common], cwd=ROOT,  # noqa: E731
                                     capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)

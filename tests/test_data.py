@@ -7,7 +7,6 @@ damaged or stale caches, a tiny validation split, and training on text without `
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +14,7 @@ import pytest
 
 from minimamba_moe.run.data import Batches, DataError, prepare_data
 from minimamba_moe.run.tokenizer import load_tokenizer
+from tests.helpers import hide_and_run
 
 ROOT = Path(__file__).resolve().parent.parent
 TEXT = "The quick brown fox jumps over the lazy dog. " * 100
@@ -143,25 +143,12 @@ def test_a_damaged_or_stale_cache_is_refused_naming_the_folder(tmp_path, damage,
 
 
 # --- `datasets` stays optional: the GPU machine has none -------------------------------------------------------
-BLOCK_DATASETS = """
-import sys
-class Block:
-    def find_spec(self, name, path=None, target=None):
-        if name == "datasets" or name.startswith("datasets."):
-            raise ImportError("No module named 'datasets' (hidden by the test)")
-sys.meta_path.insert(0, Block())
-sys.argv = sys.argv[1:]
-import runpy
-runpy.run_path(sys.argv[0], run_name="__main__")
-"""
-
-
 def test_training_on_local_text_needs_no_datasets_package(tmp_path):
     (tmp_path / "a.txt").write_text(TEXT * 3)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     common = [f"--data_cache={tmp_path / 'cache'}", "--max_steps=1", "--batch_size=2", "--seq_len=16",
               "--eval_batches=1", "--progress=false", f"--out_dir={tmp_path / 'out'}"]
-    run = lambda *a: subprocess.run([sys.executable, "-c", BLOCK_DATASETS, str(ROOT / "train.py"), *a], cwd=tmp_path,  # noqa: E731
+    run = lambda *a: subprocess.run([*hide_and_run("datasets", str(ROOT / "train.py")), *a], cwd=tmp_path,  # noqa: E731
                                     env=env, capture_output=True, text=True, timeout=300)
     ok = run(f"--data={tmp_path / 'a.txt'}", *common)
     assert ok.returncode == 0, ok.stderr

@@ -21,6 +21,7 @@ Commands: every command in a ```bash block of a page is either
 - or marked on its line as not run here: ``# needs a GPU`` or ``# needs the network``, or, for the
   kernel benchmarks whose measured output the pages quote, ``# a benchmark (minutes on a CPU): not
   run by the tests`` (performance is never asserted by a test; benchmarks/ prints ratios).
+A ```python block is run as written, unless its first line is such a mark.
 A listed command that no page shows any more is an error too, so the lists cannot go stale.
 The snippet sections the pages include are checked by the strict build (tests/test_docs_browser.py
 and .ci/run); this file checks plain file reads and the commands.
@@ -188,6 +189,11 @@ RUN_ELSEWHERE = {
         ("tests/test_sample.py", "test_sample_py_streams_the_greedy_continuation_and_reports_speed"),
     'echo "def " | python sample.py --temperature 0.7 --top_k 50':
         ("tests/test_sample.py", "test_sample_py_default_checkpoint_stdin_and_prompt_file"),
+    "python -m minimamba_moe.interop.harness --model minimamba --model_args pretrained=out --tasks my_task "
+    "--include_path my_tasks/ --device cpu --limit 100 --output_path results/ --log_samples":
+        ("tests/test_harness.py", "test_the_wrapper_runs_local_tasks_through_the_harness_cli"),
+    "python -m minimamba_moe.interop.perplexity out --data notes.txt":
+        ("tests/test_perplexity.py", "test_perplexity_equals_a_direct_computation"),
     # The benchmarks page: each script's full run takes minutes to hours; its test runs it small.
     "python benchmarks/bench_generate.py --out benchmarks/results/bench_generate.json --png docs/figures/bench_generate.png":
         ("tests/test_benchmarks.py", "test_bench_generate"),
@@ -336,7 +342,8 @@ def test_command_runs_and_prints_what_the_page_shows(command_runs, page, cmd, sh
 
 PYTHON_BLOCKS = [(page, m.group(1)) for page in PAGES
                  for m in re.finditer(r"^```python\n(.*?)^```", page.read_text(encoding="utf-8"), re.S | re.M)
-                 if not m.group(1).lstrip().startswith("--8<--")]  # included sections are the source's own
+                 if not m.group(1).lstrip().startswith("--8<--")  # included sections are the source's own
+                 and not MARKED.search(m.group(1).lstrip().splitlines()[0])]  # first line: `# needs the network`
 
 
 @pytest.mark.parametrize("page,code", PYTHON_BLOCKS, ids=[p.relative_to(DOCS).as_posix() for p, _ in PYTHON_BLOCKS])

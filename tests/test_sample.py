@@ -16,15 +16,6 @@ from minimamba_moe.run.tokenizer import StreamDecoder, load_tokenizer
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.fixture
-def one_thread():
-    """Single-token steps are tiny: on a shared 2-core machine, intra-op threads only add waiting."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 # --- sampling rules -----------------------------------------------------------------------------
 def draws(logits_row, n=4000, **kw):
     g = torch.Generator().manual_seed(0)
