@@ -152,7 +152,8 @@ def main():
     else:
         sweep, lrs = None, {f: args.lr for f in configs}
     results["sweep"], results["lrs"] = sweep, lrs
-    tasks = {f"{f}/seed={seed}": make(f, seed, lrs[f]) for f in configs if lrs[f] is not None for seed in seeds}
+    # seed by seed, so that a job cut off leaves whole paired comparisons behind
+    tasks = {f"{f}/seed={seed}": make(f, seed, lrs[f]) for seed in seeds for f in configs if lrs[f] is not None}
     print(f"main runs: {len(tasks)}; Mamba+MoE: {setting['steps']} steps of {tokens_per_step} tokens "
           f"({setting['tokens_per_active']:.1f} tokens per active parameter)")
     done = runner.run(tasks)

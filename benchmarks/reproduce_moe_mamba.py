@@ -175,12 +175,11 @@ def main():
         sweep = None
         lrs = {n: (args.lr_moe or args.lr) if n != "mamba" else args.lr for n in configs}
     results["sweep"], results["lrs"] = sweep, lrs
-    tasks = {}
-    for n in configs:
-        if lrs[n] is None:
-            continue  # its sweep has not finished (a partial report)
-        for seed in (seeds if n in main_names else ab_seeds):
-            tasks[f"{n}/seed={seed}"] = make(n, seed, lrs[n])
+    tasks = {}  # seed by seed, so that a job cut off leaves whole paired comparisons behind
+    for seed in sorted(set(seeds) | set(ab_seeds), key=lambda v: (v not in seeds, seeds.index(v) if v in seeds else v)):
+        for n in configs:
+            if lrs[n] is not None and seed in (seeds if n in main_names else ab_seeds):  # None: sweep unfinished
+                tasks[f"{n}/seed={seed}"] = make(n, seed, lrs[n])
     print(f"main runs: {len(tasks)}, {setting['steps']} steps of {args.batch_size} x {args.seq_len} "
           f"({setting['tokens_per_active']:.1f} tokens per active parameter)")
     done = runner.run(tasks)
