@@ -288,6 +288,10 @@ def main():
             if pts:
                 ax.plot(*zip(*pts), marker="o", ms=3, color=f"C{i}", label=label(n))
         ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(plt.NullFormatter())
+        known = [v for sw in (sweep or {}).values() for _, v in sw["table"] if v is not None]
+        if known:  # a diverging rate's loss would squash the rest
+            ax.set_ylim(min(known) - 0.05, min(known) + 1.0)
         ax.set_xlabel("peak learning rate")
         ax.set_ylabel(f"val loss after {setting['sweep_steps']} steps")
         ax.set_title("learning-rate sweep (each model's best is used)", fontsize=9)

@@ -194,6 +194,25 @@ def test_reproduce_moe_mamba_long_setting_resumes_from_its_cache(tmp, corpus):
     assert again["paired"] == r["paired"] and again["sweep"] == r["sweep"]
 
 
+def test_reproduce_blackmamba_long_setting(tmp, corpus):
+    """--scale long at --quick sizes: the derived numbers, every model at its own steps and rate,
+    both routings and the disagreement over training for every seed."""
+    from common import warmup_steps
+
+    r = run("reproduce_blackmamba", tmp, corpus, "--scale", "long", "--jobs", "1", "--cache", str(tmp / "bm_cache"))
+    s, models = r["setting"], r["models"]
+    assert s["val_windows"] == "strided" and s["eval_batches"] == r["args"]["eval_batches"]
+    assert models["mamba_moe"]["steps"] == s["steps"] == math.ceil(
+        r["args"]["tokens_per_active"] * s["active_params"] / (s["batch_size"] * s["seq_len"]))
+    check_sweep(r)
+    for fam, m in models.items():
+        for run_ in r["runs_by_model"][fam].values():
+            assert run_["steps"] == m["steps"] and run_["warmup"] == warmup_steps(m["steps"])
+    assert r["complete"] and len(r["routing"]["per_seed"]) == 3
+    for row in r["routing"]["per_seed"]:
+        assert row["disagreement_training_first"] is not None and row["disagreement_training_last"] is not None
+
+
 def test_long_setting_numbers_are_as_stated():
     from common import long_setting
 
