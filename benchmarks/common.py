@@ -408,10 +408,10 @@ def sweep_lrs(names: list[str], grid: list[float], evaluate, max_extra: int = 3)
     Round 0 evaluates every (name, lr) of the grid; after each round, a model whose best lr (lowest
     loss) is the lowest or highest it has tried gets one more grid step beyond that edge, up to
     ``max_extra`` steps. ``evaluate([(name, lr), ...])`` returns {(name, lr): loss}: a number, or
-    None for a run that diverged or is missing (a report from a partial cache); such an lr counts as
-    tried, never as best. Returns per name: ``table`` [[lr, loss]] by lr, ``best_lr``, ``best_loss``,
+    None / {"diverged": True} for a run that diverged, or {"missing": True} for one not run yet (a
+    report from a partial cache); such an lr counts as tried, never as best. Returns per name: ``table`` [[lr, loss]] by lr, ``best_lr``, ``best_loss``,
     ``extended`` (the lrs added), ``at_edge`` (the best is still an edge after the last
-    extension), ``complete`` (every tried lr has a loss or diverged).
+    extension), ``complete`` (no tried lr is missing: each has a loss or diverged).
     """
     grid = [_lr(v) for v in grid]
     factor = grid[1] / grid[0]
@@ -422,7 +422,7 @@ def sweep_lrs(names: list[str], grid: list[float], evaluate, max_extra: int = 3)
         got = evaluate(pending) if pending else {}
         for (n, lr), v in got.items():
             tried[n][lr] = v
-            if v is None or (isinstance(v, dict) and v.get("missing")):
+            if isinstance(v, dict) and v.get("missing"):
                 missing[n].add(lr)
         pending = []
         if rnd == max_extra:
@@ -439,7 +439,7 @@ def sweep_lrs(names: list[str], grid: list[float], evaluate, max_extra: int = 3)
         out[n] = {"grid": grid, "factor": factor, "table": [[lr, losses[lr]] for lr in sorted(losses)],
                   "best_lr": best, "best_loss": known.get(best), "extended": sorted(set(losses) - set(grid)),
                   "at_edge": best is not None and _beyond_edge(losses, factor) is not None,
-                  "complete": not any(isinstance(v, dict) for v in tried[n].values())}
+                  "complete": not missing[n]}
     return out
 
 

@@ -179,7 +179,8 @@ def main():
     results["paired"] = {k: dict(p, claim_sign=-1, verdict=verdict(p, -1)) for k, p in comparisons.items()}
     results["paired"]["mamba_moe: Sinkhorn - argmax routing"]["claim_sign"] = None
     results["paired"]["mamba_moe: Sinkhorn - argmax routing"]["verdict"] = verdict(
-        comparisons["mamba_moe: Sinkhorn - argmax routing"], -1).replace("as claimed", "Sinkhorn lower")
+        comparisons["mamba_moe: Sinkhorn - argmax routing"], -1).replace("as claimed", "Sinkhorn lower").replace(
+        "reversed", "argmax lower")
     summary = {f: spread([r["final_val_loss"] for r in runs[f].values() if not r.get("diverged")]) for f in configs}
     mm = [r for r in runs["mamba_moe"].values() if "routings" in r]
     routing = {

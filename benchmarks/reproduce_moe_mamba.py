@@ -203,7 +203,9 @@ def main():
             continue
         s, step = speedup(a["smoothed"], b["smoothed"])
         per_seed.append({"seed": seed, "mamba": a, "mamba_moe": b, "speedup": s, "moe_steps_to_mamba_final": step})
-    results["runs"] = per_seed
+    results["runs"] = per_seed  # Mamba and MoE-Mamba, whole; every run by model, without its loss curve:
+    results["runs_by_model"] = {n: {seed: {k: v for k, v in r.items() if k not in ("train_loss", "smoothed")}
+                                    for seed, r in rs.items()} for n, rs in runs.items()}
     comparisons = {"mamba_moe - mamba": (paired(runs["mamba_moe"], runs["mamba"]), -1)}
     control = "experts_1" if "experts_1" in runs else None
     for n in configs:

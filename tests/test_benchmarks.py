@@ -156,7 +156,10 @@ def test_reproduce_moe_mamba(tmp, corpus):
     assert r["summary"]["speedup"]["n"] == len(speedups)
     if speedups:
         assert r["summary"]["speedup"]["mean"] == pytest.approx(sum(speedups) / len(speedups))
-    runs = {fam: {str(x["seed"]): x[fam] for x in r["runs"]} for fam in ("mamba", "mamba_moe")}
+    runs = r["runs_by_model"]
+    for fam in ("mamba", "mamba_moe"):
+        assert {str(x["seed"]): x[fam]["final_val_loss"] for x in r["runs"]} == \
+            {seed: x["final_val_loss"] for seed, x in runs[fam].items()}
     check_paired(r, runs)
     assert {"mamba_moe - mamba", "parallel - mamba_moe", "experts_2 - experts_1"} <= set(r["paired"])
     assert r["paired"]["parallel - mamba_moe"]["claim_sign"] == 1  # the paper found the parallel design worse
