@@ -46,7 +46,6 @@ of the steps adds 0.8 of a run per model.
 from __future__ import annotations
 
 import os
-import statistics
 
 import torch
 
