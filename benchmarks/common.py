@@ -439,8 +439,16 @@ def sweep_lrs(names: list[str], grid: list[float], evaluate, max_extra: int = 3)
         out[n] = {"grid": grid, "factor": factor, "table": [[lr, losses[lr]] for lr in sorted(losses)],
                   "best_lr": best, "best_loss": known.get(best), "extended": sorted(set(losses) - set(grid)),
                   "at_edge": best is not None and _beyond_edge(losses, factor) is not None,
+                  "missing": sorted(missing[n]),
+                  "diverged": sorted(lr for lr, v in losses.items() if v is None and lr not in missing[n]),
                   "complete": not missing[n]}
     return out
+
+
+def sweep_rows(sweep: dict, labels) -> list[list]:
+    """Table rows: model, lr, its sweep loss (or why there is none), the best marked."""
+    return [[labels(n), lr, v if v is not None else ("not run yet" if lr in s["missing"] else "diverged"),
+             "<-" if lr == s["best_lr"] else ""] for n, s in sweep.items() for lr, v in s["table"]]
 
 
 def _losses(tried: dict) -> dict[float, float | None]:

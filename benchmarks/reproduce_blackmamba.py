@@ -52,7 +52,7 @@ import torch
 from common import (FAMILIES, LABELS, PAIRED_HEADERS, Runner, add_data_args, add_model_args, add_training_args,
                     base_parser, describe, draw_specialisation, equal_active_configs, imbalance, lr_grid, machine,
                     measure_parallelism, measure_tokens_per_s, paired, paired_table, plan_estimate, plot, prepare,
-                    settle_scale, specialisation_depth_rows, specialisation_rows, spread, sweep_with, table, task,
+                    settle_scale, specialisation_depth_rows, specialisation_rows, spread, sweep_rows, sweep_with, table, task,
                     train_kw, verdict, write_json)
 
 from minimamba_moe.data import Batches
@@ -165,6 +165,7 @@ def main():
     results["runs_by_model"] = runs
     results["missing"] = sorted(k for k, r in done.items() if r.get("missing")) + \
         sorted(f for f in configs if lrs[f] is None)
+    results["missing"] += [f"sweep/{n}/lr={lr:g}" for n, sw in (sweep or {}).items() for lr in sw["missing"]]
     results["complete"] = not results["missing"]
     others = [f for f in configs if f != "mamba_moe"]
     comparisons = {}
@@ -210,9 +211,7 @@ def main():
           f"parameter), {setting['eval_batches']} validation batches, seeds {seeds}"
           f"{'' if results['complete'] else ', PARTIAL: ' + str(len(results['missing'])) + ' runs missing'}")
     if sweep:
-        print(table(["model", "peak lr", "sweep val loss", "best"],
-                    [[LABELS[f], lr, v, "<-" if lr == s["best_lr"] else ""] for f, s in sweep.items()
-                     for lr, v in s["table"]]))
+        print(table(["model", "peak lr", "sweep val loss", "best"], sweep_rows(sweep, lambda f: LABELS[f])))
         print()
     print(table(["model", "active params", "total params", "train GFLOP/token", "steps", "lr", "val loss mean", "std",
                  "seeds", "tokens/s"],

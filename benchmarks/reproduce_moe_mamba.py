@@ -52,7 +52,7 @@ import torch
 from common import (PAIRED_HEADERS, Runner, add_data_args, add_model_args, add_training_args, base_parser, describe,
                     draw_specialisation, ema, equal_active_configs, lr_grid, machine, measure_parallelism,
                     measure_tokens_per_s, paired, paired_table, plan_estimate, plot, prepare, settle_scale,
-                    specialisation_depth_rows, specialisation_rows, spread, steps_to_reach, sweep_with, table,
+                    specialisation_depth_rows, specialisation_rows, spread, steps_to_reach, sweep_rows, sweep_with, table,
                     task, train_kw, verdict, write_json)
 
 from minimamba_moe.config import ModelConfig
@@ -192,6 +192,7 @@ def main():
             runs[n][seed] = r
     results["missing"] = sorted(k for k, r in done.items() if r.get("missing")) + \
         sorted(n for n in configs if lrs[n] is None)
+    results["missing"] += [f"sweep/{n}/lr={lr:g}" for n, sw in (sweep or {}).items() for lr in sw["missing"]]
     results["complete"] = not results["missing"]
 
     # 1. Mamba vs MoE-Mamba: per seed
@@ -233,9 +234,7 @@ def main():
           f"EMA alpha {args.ema_alpha:.3g}, {setting['eval_batches']} validation batches, seeds {seeds} "
           f"(ablations: {ab_seeds}){'' if results['complete'] else ', PARTIAL: ' + str(len(results['missing'])) + ' runs missing'}")
     if sweep:
-        print(table(["model", "peak lr", "sweep val loss", "best"],
-                    [[label(n), lr, v, "<-" if lr == s["best_lr"] else ""] for n, s in sweep.items()
-                     for lr, v in s["table"]]))
+        print(table(["model", "peak lr", "sweep val loss", "best"], sweep_rows(sweep, label)))
         print()
     print(table(["model", "active params", "total params", "lr", "final val loss (mean)", "std over seeds", "seeds",
                  "tokens/s"],
