@@ -9,9 +9,10 @@ Mamba+MoE (BlackMamba) reaches a lower loss than a dense Transformer, a Transfor
 dense Mamba; and its Sinkhorn router keeps the experts balanced, except in the last layers.
 
 Here: the four models share width, depth and active parameter count (benchmarks/common.py).
-The FLOP budget is that of the Mamba+MoE model's steps (minimamba_moe/flops.py, training = 3 x
-forward, attention at the training context); each model gets as many steps of the same batch as
-that budget buys, and its own peak learning rate: the best of a sweep at 20% (long) or half
+The FLOP budget (minimamba_moe/flops.py, training = 3 x forward, attention at the training
+context) is that of the Mamba+MoE model's --steps (default scale), or the least that gives every
+model 50 training tokens per active parameter (long: --budget_from max); each model gets as many
+steps of the same batch as that budget buys, and its own peak learning rate: the best of a sweep at 20% (long) or half
 (default) of its own steps (common.sweep_lrs). Validation loss (nats per byte) is measured on the
 same held-out windows for every model and seed, and each comparison is reported per seed as a
 paired difference (Mamba+MoE minus the other model) with its validation standard error.
@@ -86,7 +87,11 @@ def main():
     add_data_args(p)
     add_model_args(p)
     add_training_args(p, steps=250, seeds="0,1,2", steps_help="steps of the Mamba+MoE model; sets the FLOP budget")
+    p.add_argument("--budget_from", default=None, choices=["mamba_moe", "max"],
+                   help="the FLOP budget: the Mamba+MoE model's steps (default scale), or the least budget that gives "
+                        "every model --tokens_per_active tokens per active parameter (long)")
     args = p.parse_args()
+    args.budget_from = args.budget_from or ("max" if args.scale == "long" else "mamba_moe")
     if args.quick:
         args.d_model, args.n_layer, args.n_experts, args.batch_size, args.seq_len = 32, 4, 4, 4, 32
         args.steps, args.eval_batches = 12, 2
@@ -99,19 +104,28 @@ def main():
     torch.set_num_threads(args.threads)
     folder = prepare(args.data, args.data_cache, setting["val_every"])
     tokens_per_step = args.batch_size * args.seq_len
-    budget = flops_per_token(configs["mamba_moe"], args.seq_len).total * tokens_per_step * setting["steps"]
+    fpt = {f: flops_per_token(c, args.seq_len).total for f, c in configs.items()}
+    if args.budget_from == "max":  # every model reaches the setting's tokens per active parameter
+        need = {f: math.ceil(args.tokens_per_active * describe(c, args.seq_len)["params_active"] / tokens_per_step)
+                for f, c in configs.items()}
+        budget = max(need[f] * tokens_per_step * fpt[f] for f in configs)
+    else:
+        budget = fpt["mamba_moe"] * tokens_per_step * setting["steps"]
+    setting["budget_from"] = args.budget_from
     seeds = [int(s) for s in args.seeds.split(",")]
     results = {"machine": machine(), "args": vars(args), "setting": setting, "flop_budget": budget, "models": {},
                "routing_note": ROUTING_NOTE}
     for fam, cfg in configs.items():
         info = describe(cfg, args.seq_len)
         info["flops_per_token_train"] = flops_per_token(cfg, args.seq_len).total
-        info["steps"] = max(1, math.floor(budget / (info["flops_per_token_train"] * tokens_per_step)))
+        room = budget * (1 + 1e-12) if args.budget_from == "max" else budget  # the max model's own steps exactly
+        info["steps"] = max(1, math.floor(room / (info["flops_per_token_train"] * tokens_per_step)))
+        info["tokens_per_active"] = info["steps"] * tokens_per_step / info["params_active"]
         info["train_flops"] = info["steps"] * tokens_per_step * info["flops_per_token_train"]
         info["sweep_steps"] = max(1, round(info["steps"] * setting["sweep_steps"] / setting["steps"]))
         results["models"][fam] = info
     models = results["models"]
-    track = max(1, setting["steps"] // 50)
+    track = max(1, models["mamba_moe"]["steps"] // 50)
     if args.plan:
         tps = measure_tokens_per_s(configs, folder, args, steps=2 if args.quick else 4)
         grid_n = len(lr_grid(args.lr_grid))
@@ -206,9 +220,11 @@ def main():
     spec = {"mamba_moe": first["specialisation"]} if "specialisation" in first else {}
     results["specialisation"] = spec
 
-    print(f"\n{machine()['device']}, scale {args.scale}: FLOP budget {budget:.3g} (= {setting['steps']} Mamba+MoE "
-          f"steps of {args.batch_size} x {args.seq_len} tokens, {setting['tokens_per_active']:.1f} per active "
-          f"parameter), {setting['eval_batches']} validation batches, seeds {seeds}"
+    per_active = ", ".join(f"{LABELS[f]} {m['tokens_per_active']:.1f}" for f, m in models.items())
+    print(f"\n{machine()['device']}, scale {args.scale}: FLOP budget {budget:.3g} (= {models['mamba_moe']['steps']} "
+          f"Mamba+MoE steps of {args.batch_size} x {args.seq_len} tokens; budget from {args.budget_from}; tokens per "
+          f"active parameter: {per_active}), "
+          f"{setting['eval_batches']} validation batches, seeds {seeds}"
           f"{'' if results['complete'] else ', PARTIAL: ' + str(len(results['missing'])) + ' runs missing'}")
     if sweep:
         print(table(["model", "peak lr", "sweep val loss", "best"], sweep_rows(sweep, lambda f: LABELS[f])))

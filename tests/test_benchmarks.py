@@ -205,8 +205,11 @@ def test_reproduce_blackmamba_long_setting(tmp, corpus):
     r = run("reproduce_blackmamba", tmp, corpus, "--scale", "long", "--jobs", "1", "--cache", str(tmp / "bm_cache"))
     s, models = r["setting"], r["models"]
     assert s["val_windows"] == "strided" and s["eval_batches"] == r["args"]["eval_batches"]
-    assert models["mamba_moe"]["steps"] == s["steps"] == math.ceil(
-        r["args"]["tokens_per_active"] * s["active_params"] / (s["batch_size"] * s["seq_len"]))
+    # the least FLOP budget that gives every model the setting's tokens per active parameter
+    need = r["args"]["tokens_per_active"]
+    assert all(m["tokens_per_active"] >= need for m in models.values())
+    tokens = s["batch_size"] * s["seq_len"]
+    assert any(m["steps"] == math.ceil(need * m["params_active"] / tokens) for m in models.values())
     check_sweep(r)
     for fam, m in models.items():
         for run_ in r["runs_by_model"][fam].values():
