@@ -199,8 +199,10 @@ RUN_ELSEWHERE = {
         ("tests/test_benchmarks.py", "test_reproduce_blackmamba_long_setting"),
     "python benchmarks/reproduce_moe_mamba.py --scale long --out benchmarks/results/reproduce_moe_mamba_long.json --png docs/figures/reproduce_moe_mamba_long.png":
         ("tests/test_benchmarks.py", "test_reproduce_moe_mamba_long_setting_resumes_from_its_cache"),
-    "python benchmarks/reproduce_blackmamba.py --scale long --report_only --out benchmarks/results/reproduce_blackmamba_long.json --png docs/figures/reproduce_blackmamba_long.png":
+    "python benchmarks/reproduce_moe_mamba.py --scale long --report_only --out benchmarks/results/reproduce_moe_mamba_long.json --png docs/figures/reproduce_moe_mamba_long.png":
         ("tests/test_benchmarks.py", "test_reproduce_moe_mamba_long_setting_resumes_from_its_cache"),
+    "python benchmarks/reproduce_blackmamba.py --scale long --budget_from mamba_moe --out benchmarks/results/reproduce_blackmamba_long.json --png docs/figures/reproduce_blackmamba_long.png":
+        ("tests/test_benchmarks.py", "test_reproduce_blackmamba_long_setting"),
 }
 
 
