@@ -203,6 +203,10 @@ def std_error(values: list[float]) -> float:
     return statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else 0.0
 
 
+class Diverged(RuntimeError):
+    """The training loss stopped being finite."""
+
+
 def train(config: ModelConfig, folder: Path, *, steps: int, batch_size: int, seq_len: int, lr: float, seed: int,
           device: str = "cpu", eval_every: int = 0, eval_batches: int = 4, warmup_frac: float = 0.01,
           warmup: int | None = None, stats_from: float = 0.8, curve_eval_batches: int | None = None,
@@ -228,7 +232,7 @@ def train(config: ModelConfig, folder: Path, *, steps: int, batch_size: int, seq
     if track_routing_every and config.router == "sinkhorn":
         tracker = RoutingTracker(trainer.model)
     losses, val_curve = [], []
-    n_moe = sum(k == "moe" for k in config.layer_kinds)
+    n_moe = sum(k in ("moe", "parallel") for k in config.layer_kinds)  # a parallel block holds one MoE
     load = torch.zeros(n_moe, config.n_experts, dtype=torch.int64)
     dropped = slots = iters = iter_calls = 0
     start = time.perf_counter()
@@ -240,7 +244,7 @@ def train(config: ModelConfig, folder: Path, *, steps: int, batch_size: int, seq
         if tracker is not None and tracker.active:
             disagreement.append((step + 1, tracker.pop()))
         if not math.isfinite(loss):
-            raise RuntimeError(f"{config.name}: loss is {loss} at step {step}; lower the learning rate.")
+            raise Diverged(f"{config.name}: loss is {loss} at step {step}; lower the learning rate.")
         losses.append(loss)
         if step >= stats_from * steps and out.router_stats:
             load += torch.stack([s.tokens_per_expert.cpu() for s in out.router_stats])
@@ -492,7 +496,7 @@ def execute(t: dict) -> dict:
     kw = dict(t["train"])
     try:
         r = train(config, folder, log=None, **kw)
-    except RuntimeError as e:  # a diverged run: a result, not a crash (the sweep counts it as tried)
+    except Diverged as e:  # a diverged run: a result, not a crash (the sweep counts it as tried); any other error is raised
         return {"config": config.name, "seed": kw["seed"], "lr": kw["lr"], "diverged": True, "error": str(e)}
     model = r.pop("model")
     val = make_val(folder, kw["seq_len"], kw.get("eval_batches", 4), kw["batch_size"], kw.get("val_windows", "random"))

@@ -219,6 +219,19 @@ def test_reproduce_blackmamba_long_setting(tmp, corpus):
         assert row["disagreement_training_first"] is not None and row["disagreement_training_last"] is not None
 
 
+def test_training_statistics_count_the_moe_of_parallel_blocks(corpus):
+    """A parallel block holds one MoE: its routing statistics have a row per block (a 2-block model
+    once failed here, and the failure was taken for a diverged run)."""
+    from common import equal_active_configs, execute, prepare, task
+    from minimamba_moe.config import ModelConfig
+
+    base = equal_active_configs(32, 4, 4, None, 32, style="moe-mamba", families=("mamba_moe",))["mamba_moe"]
+    cfg = ModelConfig.from_dict({**base.to_dict(), "layer_pattern": ["parallel"], "n_layer": 2, "name": "parallel"})
+    folder = prepare(str(corpus / "corpus.txt"), str(corpus / "cache"))
+    r = execute(task(cfg, folder, steps=5, batch_size=2, seq_len=32, lr=1e-3, seed=0, eval_batches=1, stats_from=0.0))
+    assert not r.get("diverged") and len(r["load"]) == 2 and all(sum(row) > 0 for row in r["load"])
+
+
 def test_long_setting_numbers_are_as_stated():
     from common import long_setting
 
