@@ -13,7 +13,8 @@ trained with each router:
     switch              Switch Transformer (MoE-Mamba's router): softmax gate, capacity factor 1
                         (overflow dropped), auxiliary load-balancing loss 0.01
 
-and reports, per router: validation loss (inference routing), expert load imbalance per MoE
+Each router trains at its own peak learning rate, the best of a sweep (common.sweep_lrs over
+--lr_grid at half the steps; --lr fixes one for all). It reports, per router: validation loss (inference routing), expert load imbalance per MoE
 layer (max / mean tokens per expert; 1 = balanced) in training (the last 20% of steps) and at
 inference, the fraction of token-slots dropped, and the mean Sinkhorn passes per layer call.
 
@@ -24,8 +25,9 @@ from __future__ import annotations
 
 import torch
 
-from common import (add_data_args, add_model_args, add_training_args, base_parser, describe,
-                    equal_active_configs, imbalance, machine, plot, prepare, spread, table, train, write_json)
+from common import (Runner, add_data_args, add_model_args, add_training_args, base_parser, describe,
+                    equal_active_configs, imbalance, lr_grid, machine, plot, prepare, settle_scale, spread, sweep_with,
+                    table, task, train, train_kw, write_json)
 from reproduce_blackmamba import inference_load
 
 
@@ -50,18 +52,31 @@ def main():
     if args.quick:
         args.d_model, args.n_layer, args.n_experts, args.batch_size, args.seq_len = 32, 4, 4, 4, 32
         args.steps, args.eval_batches = 12, 2
-    torch.set_num_threads(args.threads)
-    folder = prepare(args.data, args.data_cache)
-    seeds = [int(s) for s in args.seeds.split(",")]
-    results = {"machine": machine(), "args": vars(args), "routers": {}}
+    if args.quick:
+        args.lr_grid = "2e-3,4e-3,8e-3,1.6e-2"
+    configs = {}
     for name, overrides in router_variants(args).items():
-        cfg = equal_active_configs(args.d_model, args.n_layer, args.n_experts, args.d_expert, args.seq_len,
-                                   families=("mamba_moe",), **overrides)["mamba_moe"]
-        cfg.name = name
-        info = dict(describe(cfg, args.seq_len), runs=[])
+        configs[name] = equal_active_configs(args.d_model, args.n_layer, args.n_experts, args.d_expert, args.seq_len,
+                                             families=("mamba_moe",), **overrides)["mamba_moe"]
+        configs[name].name = name
+    setting = settle_scale(args, "ablate_routers", describe(configs["sinkhorn-released"], args.seq_len)["params_active"])
+    torch.set_num_threads(args.threads)
+    folder = prepare(args.data, args.data_cache, setting["val_every"])
+    seeds = [int(s) for s in args.seeds.split(",")]
+    if args.lr is None:
+        runner = Runner(args.cache, args.jobs, args.report_only)
+        sweep = sweep_with(runner, lambda n, lr: task(configs[n], folder, threads=args.threads,
+                                                      **train_kw(args, setting, seeds[0], lr, sweep=True)),
+                           list(configs), lr_grid(args.lr_grid), args.max_extra)
+        runner.close()
+        lrs = {n: s["best_lr"] for n, s in sweep.items()}
+    else:
+        sweep, lrs = None, {n: args.lr for n in configs}
+    results = {"machine": machine(), "args": vars(args), "setting": setting, "sweep": sweep, "lrs": lrs, "routers": {}}
+    for name, cfg in configs.items():
+        info = dict(describe(cfg, args.seq_len), runs=[], lr=lrs[name])
         for seed in seeds:
-            r = train(cfg, folder, steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr,
-                      seed=seed, device=args.device, eval_batches=args.eval_batches)
+            r = train(cfg, folder, **train_kw(args, setting, seed, lrs[name]), log=print)
             model = r.pop("model")
             r["inference_load"] = inference_load(model, folder, args.seq_len, args.eval_batches, args.batch_size,
                                                  args.device)
@@ -84,11 +99,11 @@ def main():
     for name, info in results["routers"].items():
         s = info["summary"]
         r0 = info["runs"][0]
-        rows.append([name, s["final_val_loss"]["mean"], s["final_val_loss"]["std"],
+        rows.append([name, info["lr"], s["final_val_loss"]["mean"], s["final_val_loss"]["std"],
                      " ".join(f"{v:.2f}" for v in r0["imbalance_training"]),
                      " ".join(f"{v:.2f}" for v in r0["imbalance_inference"]),
                      s["dropped_frac"]["mean"], s["sinkhorn_iters_mean"]["mean"]])
-    print(table(["router", "val loss", "std", "imbalance per layer, training", "imbalance per layer, inference",
+    print(table(["router", "lr", "val loss", "std", "imbalance per layer, training", "imbalance per layer, inference",
                  "dropped", "Sinkhorn passes"], rows))
     write_json(args.out, results)
 

@@ -1,40 +1,71 @@
-"""BlackMamba's comparison: four models at equal active parameters and equal training FLOPs, and
-its expert-balance figure.
+"""BlackMamba's comparison: four models at equal active parameters and equal training FLOPs, each
+at its own best learning rate; its routing under both rules; its expert balance and specialisation.
 
-    python benchmarks/reproduce_blackmamba.py [--quick] [--out results.json] [--png loss.png]
+    python benchmarks/reproduce_blackmamba.py [--quick] [--scale long] [--out results.json] [--png loss.png]
 
-The claims (BlackMamba, Anthony et al. 2024, §4: its evaluation, training-FLOPs and expert-balance figures): at equal active parameters and
-equal training FLOPs, Mamba+MoE (BlackMamba) reaches a lower loss than a dense Transformer, a
-Transformer-MoE and a dense Mamba; and its Sinkhorn router keeps the experts balanced, except
-in the last layers.
+The claims (BlackMamba, Anthony et al. 2024, §4: its evaluation, training-FLOPs and expert-balance
+figures; docs/paper-facts.md#results): at equal active parameters and equal training FLOPs,
+Mamba+MoE (BlackMamba) reaches a lower loss than a dense Transformer, a Transformer-MoE and a
+dense Mamba; and its Sinkhorn router keeps the experts balanced, except in the last layers.
 
 Here: the four models share width, depth and active parameter count (benchmarks/common.py).
-The FLOP budget is that of ``--steps`` steps of the Mamba+MoE model (minimamba_moe/flops.py,
-training = 3 x forward, attention at the training context); each model gets as many steps of the
-same batch as that budget buys. Validation loss (nats per byte) is measured on the same held-out
-windows, for each seed. The expert load per layer is measured on the trained Mamba+MoE model
-(seed of the first run): in training mode (the Sinkhorn choice, summed over the last 20% of
-steps) and at inference (argmax of the router, on the validation windows).
+The FLOP budget (minimamba_moe/flops.py, training = 3 x forward, attention at the training
+context) is that of the Mamba+MoE model's --steps (default scale), or the least that gives every
+model 50 training tokens per active parameter (long: --budget_from max); each model gets as many
+steps of the same batch as that budget buys, and its own peak learning rate: the best of a sweep at 20% (long) or half
+(default) of its own steps (common.sweep_lrs). Validation loss (nats per byte) is measured on the
+same held-out windows for every model and seed, and each comparison is reported per seed as a
+paired difference (Mamba+MoE minus the other model) with its validation standard error.
+
+Two routings. BlackMamba trains with the Sinkhorn choice (the argmax of a Sinkhorn-balanced
+matrix over the batch's tokens) and, in the released code, infers with the router's own argmax
+(docs/paper-facts.md#router-and-sinkhorn). The router's scores are never balanced themselves, so
+the two can disagree. For every seed the trained Mamba+MoE is scored both ways on the same
+batches (``routings``: loss, load per MoE layer, share of tokens whose experts differ), and the
+share of training tokens whose argmax expert differs from the Sinkhorn-chosen one is tracked
+over training (``routing_disagreement``, 50 points). The table gives the paired differences
+under both routings.
+
+Scales: ``default`` (250 Mamba+MoE steps of 8 x 128 bytes, 3 seeds: a quick look) and ``long``
+(common.long_setting: >= 50 training tokens per active parameter of the Mamba+MoE model, batch
+32 x 128, warmup max(30, 1%), 64 validation batches on a held-out tenth of the documents, 3
+seeds, 2 runs side by side, each finished run cached in out/cache/reproduce_blackmamba-long;
+--plan prints the numbers and a time estimate).
 
 What differs from the paper, on purpose: bytes of Python source instead of 300B tokens of a web
-mix, a tiny model and a few hundred steps; the last layers of a 4-MoE-layer model are not the
-last layers of a 15-MoE-layer one.
+mix, a tiny model; the last layers of a 2-MoE-layer model are not the last layers of a
+15-MoE-layer one.
 
 Scale to the paper on a GPU: --d_model 1152 --n_layer 30 --n_experts 8 --d_expert 3072
 --seq_len 2048 --batch_size 32 (BlackMamba-1.5B's shape) with --data pointing at real text.
+Time, from ``python train.py --preset=blackmamba-1.5b --plan --batch_size=64 --seq_len=1024``:
+2.07 GFLOP per training token, 2.75 s per step of 524,288 tokens at 40% MFU of one H100, so the
+paper's 300B tokens are about 440 H100-hours for the Mamba+MoE model alone.
 """
 
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 
-from common import (FAMILIES, LABELS, add_data_args, add_model_args, add_training_args, base_parser, describe,
-                    equal_active_configs, imbalance, machine, plot, prepare, spread, table, train, write_json)
+from common import (FAMILIES, LABELS, PAIRED_HEADERS, Runner, add_data_args, add_model_args, add_training_args,
+                    base_parser, describe, draw_specialisation, equal_active_configs, imbalance, lr_grid, machine,
+                    measure_parallelism, measure_tokens_per_s, paired, paired_table, plan_estimate, plot, prepare,
+                    settle_scale, specialisation_depth_rows, specialisation_rows, spread, sweep_rows, sweep_with, table, task,
+                    train_kw, verdict, write_json)
 
 from minimamba_moe.flops import flops_per_token
 from minimamba_moe.run.data import Batches
+
+ROUTING_NOTE = (
+    "The released code (Zyphra/BlackMamba switch_mlp.py) routes by the Sinkhorn choice only in training mode and "
+    "by the router's argmax in eval mode (docs/paper-facts.md#router-and-sinkhorn). The paper compares the models "
+    "by downstream evaluation scores (its evaluation table and its scores-against-training-FLOPs figure: "
+    "HellaSwag, PIQA, WinoGrande, Lambada, ARC, OpenBookQA), which a harness computes with the model in eval "
+    "mode: the argmax routing. So the comparison most likely used the argmax; the Sinkhorn choice is what the "
+    "training loss saw.")
 
 
 @torch.no_grad()
@@ -56,86 +87,211 @@ def main():
     add_data_args(p)
     add_model_args(p)
     add_training_args(p, steps=250, seeds="0,1,2", steps_help="steps of the Mamba+MoE model; sets the FLOP budget")
+    p.add_argument("--budget_from", default=None, choices=["mamba_moe", "max"],
+                   help="the FLOP budget: the Mamba+MoE model's steps (default scale), or the least budget that gives "
+                        "every model --tokens_per_active tokens per active parameter (long)")
     args = p.parse_args()
+    args.budget_from = args.budget_from or ("max" if args.scale == "long" else "mamba_moe")
     if args.quick:
         args.d_model, args.n_layer, args.n_experts, args.batch_size, args.seq_len = 32, 4, 4, 4, 32
-        args.steps, args.seeds, args.eval_batches = 12, "0,1", 2
-    torch.set_num_threads(args.threads)
-    folder = prepare(args.data, args.data_cache)
+        args.steps, args.eval_batches = 12, 2
+        args.seeds = "0,1" if args.scale == "default" else "0,1,2"
+        args.lr_grid, args.tokens_per_active = "2e-3,4e-3,8e-3,1.6e-2", 0.05
+    elif args.scale == "long":
+        args.d_model = 48 if args.d_model == 64 else args.d_model
     configs = equal_active_configs(args.d_model, args.n_layer, args.n_experts, args.d_expert, args.seq_len)
+    setting = settle_scale(args, "reproduce_blackmamba", describe(configs["mamba_moe"], args.seq_len)["params_active"])
+    torch.set_num_threads(args.threads)
+    folder = prepare(args.data, args.data_cache, setting["val_every"])
     tokens_per_step = args.batch_size * args.seq_len
-    budget = flops_per_token(configs["mamba_moe"], args.seq_len).total * tokens_per_step * args.steps
+    fpt = {f: flops_per_token(c, args.seq_len).total for f, c in configs.items()}
+    if args.budget_from == "max":  # every model reaches the setting's tokens per active parameter
+        need = {f: math.ceil(args.tokens_per_active * describe(c, args.seq_len)["params_active"] / tokens_per_step)
+                for f, c in configs.items()}
+        budget = max(need[f] * tokens_per_step * fpt[f] for f in configs)
+    else:
+        budget = fpt["mamba_moe"] * tokens_per_step * setting["steps"]
+    setting["budget_from"] = args.budget_from
     seeds = [int(s) for s in args.seeds.split(",")]
-    results = {"machine": machine(), "args": vars(args), "flop_budget": budget, "models": {}, "runs": []}
+    results = {"machine": machine(), "args": vars(args), "setting": setting, "flop_budget": budget, "models": {},
+               "routing_note": ROUTING_NOTE}
     for fam, cfg in configs.items():
         info = describe(cfg, args.seq_len)
         info["flops_per_token_train"] = flops_per_token(cfg, args.seq_len).total
-        info["steps"] = max(1, math.floor(budget / (info["flops_per_token_train"] * tokens_per_step)))
+        room = budget * (1 + 1e-12) if args.budget_from == "max" else budget  # the max model's own steps exactly
+        info["steps"] = max(1, math.floor(room / (info["flops_per_token_train"] * tokens_per_step)))
+        info["tokens_per_active"] = info["steps"] * tokens_per_step / info["params_active"]
         info["train_flops"] = info["steps"] * tokens_per_step * info["flops_per_token_train"]
+        info["sweep_steps"] = max(1, round(info["steps"] * setting["sweep_steps"] / setting["steps"]))
         results["models"][fam] = info
-    for seed in seeds:
-        run = {"seed": seed}
-        for fam, cfg in configs.items():
-            r = train(cfg, folder, steps=results["models"][fam]["steps"], batch_size=args.batch_size,
-                      seq_len=args.seq_len, lr=args.lr, seed=seed, device=args.device,
-                      eval_batches=args.eval_batches, eval_every=max(3, args.steps // 8))
-            model = r.pop("model")
-            if fam == "mamba_moe" and seed == seeds[0]:
-                results["expert_load"] = {
-                    "training": r["load"],
-                    "inference": inference_load(model, folder, args.seq_len, args.eval_batches, args.batch_size, args.device),
-                }
-            run[fam] = r
-        results["runs"].append(run)
-    runs = results["runs"]
-    summary = {f: spread([r[f]["final_val_loss"] for r in runs]) for f in configs}
+    models = results["models"]
+    track = max(1, models["mamba_moe"]["steps"] // 50)
+    if args.plan:
+        tps = measure_tokens_per_s(configs, folder, args, steps=2 if args.quick else 4)
+        grid_n = len(lr_grid(args.lr_grid))
+        runs = [(f, models[f]["sweep_steps"]) for f in configs for _ in range(grid_n)] if args.lr is None else []
+        runs += [(f, models[f]["steps"]) for f in configs for _ in seeds]
+        par = measure_parallelism(configs["mamba_moe"], folder, args, args.jobs) if args.jobs > 1 else None
+        eff = par["parallel_efficiency"] if par else 1.0
+        results["plan"] = {"tokens_per_s_one_thread": tps, "parallelism": par,
+                           **plan_estimate(runs, tps, tokens_per_step, args.jobs, eff)}
+        print(table(["setting", "value"], [[k, v] for k, v in setting.items()]))
+        print(table(["model", "active params", "steps", "tokens/s (1 thread)"],
+                    [[LABELS[f], models[f]["params_active"], models[f]["steps"], tps[f]] for f in configs]))
+        if par:
+            print(table(["one model, tokens/s", "value"], [[k, v] for k, v in par.items()]))
+        pl = results["plan"]
+        print(f"\n{pl['runs']} runs (sweep extensions not counted): {pl['serial_s'] / 3600:.2f} h on one thread, "
+              f"about {pl['estimate_s'] / 3600:.2f} h with {args.jobs} side by side")
+        write_json(args.out, results)
+        return
+
+    runner = Runner(args.cache, args.jobs, args.report_only)
+
+    def make(fam, seed, lr, sweep=False):
+        extra, ana = {}, ()
+        if fam == "mamba_moe" and not sweep:
+            extra["track_routing_every"] = track
+            ana = ("routings", "specialisation") if seed == seeds[0] else ("routings",)
+        steps = models[fam]["sweep_steps"] if sweep else models[fam]["steps"]
+        return task(configs[fam], folder, analyses=ana, threads=args.threads,
+                    **train_kw(args, setting, seed, lr, sweep=sweep, steps=steps, **extra))
+
+    if args.lr is None:
+        print(f"learning-rate sweep: {len(configs)} models, grid {args.lr_grid}")
+        sweep = sweep_with(runner, lambda f, lr: make(f, seeds[0], lr, sweep=True), list(configs),
+                           lr_grid(args.lr_grid), args.max_extra)
+        lrs = {f: s["best_lr"] for f, s in sweep.items()}
+    else:
+        sweep, lrs = None, {f: args.lr for f in configs}
+    results["sweep"], results["lrs"] = sweep, lrs
+    # seed by seed, so that a job cut off leaves whole paired comparisons behind
+    tasks = {f"{f}/seed={seed}": make(f, seed, lrs[f]) for seed in seeds for f in configs if lrs[f] is not None}
+    print(f"main runs: {len(tasks)}; Mamba+MoE: {setting['steps']} steps of {tokens_per_step} tokens "
+          f"({setting['tokens_per_active']:.1f} tokens per active parameter)")
+    done = runner.run(tasks)
+    runner.close()
+    runs = {f: {} for f in configs}
+    for key, r in done.items():
+        f, seed = key.split("/seed=")
+        if not r.get("missing"):
+            runs[f][seed] = r
+    results["runs_by_model"] = runs
+    results["missing"] = sorted(k for k, r in done.items() if r.get("missing")) + \
+        sorted(f for f in configs if lrs[f] is None)
+    results["missing"] += [f"sweep/{n}/lr={lr:g}" for n, sw in (sweep or {}).items() for lr in sw["missing"]]
+    results["complete"] = not results["missing"]
+    others = [f for f in configs if f != "mamba_moe"]
+    comparisons = {}
+    for f in others:
+        comparisons[f"mamba_moe - {f}"] = paired(runs["mamba_moe"], runs[f])
+        comparisons[f"mamba_moe (Sinkhorn routing) - {f}"] = paired(runs["mamba_moe"], runs[f],
+                                                                     key_a="routings.sinkhorn")
+    comparisons["transformer_moe - transformer"] = paired(runs["transformer_moe"], runs["transformer"])
+    comparisons["mamba_moe: Sinkhorn - argmax routing"] = paired(runs["mamba_moe"], runs["mamba_moe"],
+                                                                 key_a="routings.sinkhorn", key_b="routings.argmax")
+    results["paired"] = {k: dict(p, claim_sign=-1, verdict=verdict(p, -1)) for k, p in comparisons.items()}
+    results["paired"]["mamba_moe: Sinkhorn - argmax routing"]["claim_sign"] = None
+    results["paired"]["mamba_moe: Sinkhorn - argmax routing"]["verdict"] = verdict(
+        comparisons["mamba_moe: Sinkhorn - argmax routing"], -1).replace("as claimed", "Sinkhorn lower").replace(
+        "reversed", "argmax lower")
+    summary = {f: spread([r["final_val_loss"] for r in runs[f].values() if not r.get("diverged")]) for f in configs}
+    mm = [r for r in runs["mamba_moe"].values() if "routings" in r]
+    routing = {
+        "val_loss_argmax": spread([r["routings"]["argmax"]["val_loss"] for r in mm]),
+        "val_loss_sinkhorn": spread([r["routings"]["sinkhorn"]["val_loss"] for r in mm]),
+        "per_seed": [{"seed": r["seed"], "argmax": r["routings"]["argmax"]["val_loss"],
+                      "sinkhorn": r["routings"]["sinkhorn"]["val_loss"],
+                      "imbalance_argmax": r["routings"]["argmax"]["imbalance"],
+                      "imbalance_sinkhorn": r["routings"]["sinkhorn"]["imbalance"],
+                      "disagreement_val": r["routings"]["disagreement"],
+                      "disagreement_training_first": r["routing_disagreement"][0][1] if r.get("routing_disagreement") else None,
+                      "disagreement_training_last": r["routing_disagreement"][-1][1] if r.get("routing_disagreement") else None}
+                     for r in mm],
+    }
+    results["routing"] = routing
     results["summary"] = {"final_val_loss": summary,
-                          "mamba_moe_lowest": all(summary["mamba_moe"]["mean"] < summary[f]["mean"]
-                                                  for f in configs if f != "mamba_moe"),
-                          "wins_by_seed": {f: sum(r["mamba_moe"]["final_val_loss"] < r[f]["final_val_loss"] for r in runs)
-                                           for f in configs if f != "mamba_moe"}}
-    load = results["expert_load"]
-    results["expert_imbalance"] = {k: [imbalance(layer) for layer in v] for k, v in load.items()}
-    print(f"\n{machine()['device']}, FLOP budget {budget:.3g} (= {args.steps} Mamba+MoE steps of "
-          f"{args.batch_size} x {args.seq_len} tokens), seeds {seeds}")
-    print(table(["model", "active params", "total params", "train GFLOP/token", "steps", "val loss mean", "std",
-                 "min", "max"],
-                [[LABELS[f], results["models"][f]["params_active"], results["models"][f]["params_total"],
-                  results["models"][f]["flops_per_token_train"] / 1e9, results["models"][f]["steps"],
-                  summary[f]["mean"], summary[f]["std"], summary[f]["min"], summary[f]["max"]] for f in configs]))
+                          "tokens_per_s": {f: spread([r.get("tokens_per_s") for r in runs[f].values()]) for f in configs}}
+    first = runs["mamba_moe"].get(str(seeds[0]), {})
+    if "routings" in first:  # the expert load figure: the first seed's model, both routings
+        results["expert_load"] = {"training": first["load"], "inference": first["routings"]["argmax"]["load"],
+                                  "sinkhorn_on_validation": first["routings"]["sinkhorn"]["load"]}
+        results["expert_imbalance"] = {k: [imbalance(layer) for layer in v] for k, v in results["expert_load"].items()}
+    spec = {"mamba_moe": first["specialisation"]} if "specialisation" in first else {}
+    results["specialisation"] = spec
+
+    per_active = ", ".join(f"{LABELS[f]} {m['tokens_per_active']:.1f}" for f, m in models.items())
+    print(f"\n{machine()['device']}, scale {args.scale}: FLOP budget {budget:.3g} (= {models['mamba_moe']['steps']} "
+          f"Mamba+MoE steps of {args.batch_size} x {args.seq_len} tokens; budget from {args.budget_from}; tokens per "
+          f"active parameter: {per_active}), "
+          f"{setting['eval_batches']} validation batches, seeds {seeds}"
+          f"{'' if results['complete'] else ', PARTIAL: ' + str(len(results['missing'])) + ' runs missing'}")
+    if sweep:
+        print(table(["model", "peak lr", "sweep val loss", "best"], sweep_rows(sweep, lambda f: LABELS[f])))
+        print()
+    print(table(["model", "active params", "total params", "train GFLOP/token", "steps", "lr", "val loss mean", "std",
+                 "seeds", "tokens/s"],
+                [[LABELS[f], models[f]["params_active"], models[f]["params_total"],
+                  models[f]["flops_per_token_train"] / 1e9, models[f]["steps"], lrs[f], summary[f]["mean"],
+                  summary[f]["std"], summary[f]["n"], results["summary"]["tokens_per_s"][f]["mean"]] for f in configs]))
     print()
-    print(table(["MoE layer", "imbalance (max/mean), training", "imbalance, inference"],
-                [[i, a, b] for i, (a, b) in enumerate(zip(results["expert_imbalance"]["training"],
-                                                          results["expert_imbalance"]["inference"]))]))
+    print(table(PAIRED_HEADERS, [row for k, v in results["paired"].items() for row in paired_table(v, k)]))
+    print()
+    print(table(["comparison", "mean diff", "std over seeds", "seeds", "verdict"],
+                [[k, v["mean"], v["std"], v["n"], v["verdict"]] for k, v in results["paired"].items()]))
+    print()
+    fmt = lambda xs: " ".join(f"{x:.2f}" for x in xs) if xs else "-"  # noqa: E731
+    print(table(["seed", "val loss, argmax", "val loss, Sinkhorn", "imbalance per layer, argmax",
+                 "imbalance, Sinkhorn", "argmax != Sinkhorn (val)", "argmax != Sinkhorn, training: first step", "last step"],
+                [[r["seed"], r["argmax"], r["sinkhorn"], fmt(r["imbalance_argmax"]), fmt(r["imbalance_sinkhorn"]),
+                  fmt(r["disagreement_val"]), fmt(r["disagreement_training_first"]),
+                  fmt(r["disagreement_training_last"])] for r in routing["per_seed"]]))
+    for n, sp in spec.items():
+        print()
+        print(table(["model", "MoE layer", "expert", "share of tokens", *sp["classes"], "top bytes by lift"],
+                    specialisation_rows(sp, LABELS[n])))
+        print()
+        print(table(["model", "MoE layer", "MI(expert; class) bits", "MI(expert; byte) bits", "H(expert) bits"],
+                    specialisation_depth_rows(sp, LABELS[n])))
     write_json(args.out, results)
 
     def draw(plt):
-        fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4.2))
+        fig, (a, b, c) = plt.subplots(1, 3, figsize=(16, 4.5))
         for f in FAMILIES:
-            for i, r in enumerate(runs):
-                xs, ys = zip(*r[f]["val_curve"])
-                flops = [x * tokens_per_step * results["models"][f]["flops_per_token_train"] for x in xs]
+            for i, r in enumerate(runs[f].values()):
+                if r.get("diverged"):
+                    continue
+                xs, ys = zip(*r["val_curve"])
+                flops = [x * tokens_per_step * models[f]["flops_per_token_train"] for x in xs]
                 a.plot(flops, ys, marker=".", color=f"C{FAMILIES.index(f)}", alpha=0.8,
-                       label=LABELS[f] if i == 0 else None)
+                       label=f"{LABELS[f]} (lr {lrs[f]:g})" if i == 0 else None)
         a.set_xlabel("training FLOPs")
         a.set_ylabel("validation loss (nats/byte)")
-        a.set_title("equal active parameters, equal FLOP budget")
+        a.set_title("equal active parameters, equal FLOP budget, own best lr", fontsize=9)
         a.grid(alpha=0.3)
-        a.legend()
-        inf = load["inference"]
-        E = len(inf[0])
-        width = 0.8 / E
-        for e in range(E):
-            b.bar([i + e * width for i in range(len(inf))], [layer[e] / sum(layer) for layer in inf], width,
-                  label=f"expert {e}")
-        b.axhline(1 / E, color="k", ls="--", lw=0.8)
-        b.set_xticks([i + 0.4 - width / 2 for i in range(len(inf))], [f"MoE layer {i}" for i in range(len(inf))])
-        b.set_ylabel("fraction of tokens (inference)")
-        b.set_title("expert load per layer, trained Mamba+MoE")
-        b.legend(fontsize=7, ncol=2)
+        a.legend(fontsize=7)
+        load = results.get("expert_load")
+        if load:
+            for k, (key, title) in enumerate((("inference", "argmax (released inference)"),
+                                              ("sinkhorn_on_validation", "Sinkhorn choice (as trained)"))):
+                ax = (b, c)[k]
+                inf = load[key]
+                E = len(inf[0])
+                width = 0.8 / E
+                for e in range(E):
+                    ax.bar([i + e * width for i in range(len(inf))], [layer[e] / max(1, sum(layer)) for layer in inf],
+                           width, label=f"expert {e}")
+                ax.axhline(1 / E, color="k", ls="--", lw=0.8)
+                ax.set_xticks([i + 0.4 - width / 2 for i in range(len(inf))], [f"MoE layer {i}" for i in range(len(inf))])
+                ax.set_ylabel("fraction of validation tokens")
+                ax.set_title(f"expert load, trained Mamba+MoE: {title}", fontsize=9)
+                ax.legend(fontsize=6, ncol=2)
         return fig
 
     plot(args.png, draw)
+    if spec and args.png:
+        plot(os.path.splitext(args.png)[0] + "_experts.png",
+             lambda plt: draw_specialisation(plt, {LABELS[n]: sp for n, sp in spec.items()}))
 
 
 if __name__ == "__main__":

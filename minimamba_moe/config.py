@@ -14,6 +14,9 @@ Layer kinds (``layer_pattern`` repeats to ``n_layer`` layers):
     "moe"        Mixture-of-Experts MLP                  minimamba_moe/moe.py
     "attention"  causal self-attention with RoPE          minimamba_moe/attention.py
     "mlp"        dense MLP (same expert MLP, one expert)  minimamba_moe/moe.py
+    "parallel"   Mamba and MoE side by side in one block: x + mamba(norm(x)) + moe(norm(x))
+                 (MoE-Mamba's "parallel MoE-Mamba", its alternative design inspired by
+                 GPT-J / PaLM; docs/paper-facts.md#results)              minimamba_moe/model.py
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from dataclasses import dataclass
 
 from minimamba_moe.reference.checks import ACTIVATIONS, SINKHORN_INITS, SINKHORN_STOPPINGS  # the kernels' choices
 
-LAYER_KINDS = ("mamba", "moe", "attention", "mlp")
+LAYER_KINDS = ("mamba", "moe", "attention", "mlp", "parallel")
 NORMS = ("rmsnorm", "layernorm")
 FINAL_NORMS = (*NORMS, "none")
 ROUTERS = ("sinkhorn", "switch", "sigmoid")

@@ -84,7 +84,7 @@ def flops_per_token(config: ModelConfig, seq_len: int, training: bool = True) ->
 
     for kind in c.layer_kinds:
         p["elementwise"] += ELEMENTWISE_FLOPS * 2 * d  # pre-norm + residual add
-        if kind == "mamba":
+        if kind in ("mamba", "parallel"):  # parallel: a Mamba and an MoE on one norm's output
             # in_proj d -> 2 di; x_proj di -> r + 2n; dt_proj r -> di; out_proj di -> d
             p["mamba_proj"] += 2 * d * 2 * di + 2 * di * (r + 2 * n) + 2 * r * di + 2 * di * d
             p["conv"] += 2 * di * c.d_conv  # depthwise taps
@@ -94,11 +94,13 @@ def flops_per_token(config: ModelConfig, seq_len: int, training: bool = True) ->
             p["attention_proj"] += 2 * d * 3 * d + 2 * d * d  # qkv, out
             p["attention_scores"] += 2 * 2 * d * seq_len  # q·k over the context, weights·v
             p["elementwise"] += ELEMENTWISE_FLOPS * c.n_head * seq_len + 6 * 2 * d  # softmax, RoPE on q and k
-        elif kind == "moe":
+        if kind == "parallel":
+            p["elementwise"] += d  # the second add
+        if kind in ("moe", "parallel"):
             p["router"] += 2 * d * c.n_experts
             p["experts"] += c.top_k * mlp_flops(c.d_expert)
             p["elementwise"] += c.top_k * (4 * c.d_expert + 2 * d)  # activation, gate product, combine
-        else:  # "mlp"
+        elif kind == "mlp":
             p["mlp"] += mlp_flops(c.d_ff)
             p["elementwise"] += 4 * c.d_ff
     p["head"] += 2 * d * c.padded_vocab_size

@@ -56,7 +56,30 @@ class InferenceState:
     extra: dict = field(default_factory=dict)
 
 
-MIXERS = {"mamba": MambaMixer, "moe": MoE, "attention": CausalSelfAttention, "mlp": MLP}  # by layer kind
+# --8<-- [start:ParallelMambaMoE]
+class ParallelMambaMoE(nn.Module):
+    """MoE-Mamba's parallel design: one block's Mamba and MoE read the same normalised input and
+    their outputs are summed, so the block computes x + mamba(norm(x)) + moe(norm(x)) (one norm,
+    where the sequential design has two blocks and two norms). Docs: docs/paper-facts.md#results
+    (MoE-Mamba found it worse than the sequential design)."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.mamba = MambaMixer(config)
+        self.moe = MoE(config)
+
+    def init_state(self, batch_size: int, device=None, dtype=None):
+        return self.mamba.init_state(batch_size, device, dtype)  # the MoE keeps none
+
+    def forward(self, h: torch.Tensor, state=None) -> tuple[torch.Tensor, RouterStats]:
+        a, _ = self.mamba(h, state)
+        b, stats = self.moe(h)
+        return a + b, stats
+# --8<-- [end:ParallelMambaMoE]
+
+
+MIXERS = {"mamba": MambaMixer, "moe": MoE, "attention": CausalSelfAttention, "mlp": MLP,
+          "parallel": ParallelMambaMoE}  # by layer kind
 
 
 # --8<-- [start:Block]
@@ -155,9 +178,9 @@ class Model(nn.Module):
         c = self.config
         total = sum(p.numel() for p in self.parameters())
         inactive = 0
-        for layer in self.layers:
-            if isinstance(layer.mixer, MoE):
-                expert = layer.mixer.w1.numel() + layer.mixer.w2.numel()
+        for moe in self.modules():
+            if isinstance(moe, MoE):
+                expert = moe.w1.numel() + moe.w2.numel()
                 inactive += expert // c.n_experts * (c.n_experts - c.top_k)
         emb = self.embedding.weight.numel() + (0 if c.tie_embeddings else self.lm_head.weight.numel())
         return ParamCount(total, total - inactive, emb)

@@ -197,16 +197,29 @@ RUN_ELSEWHERE = {
     # The benchmarks page: each script's full run takes minutes to hours; its test runs it small.
     "python benchmarks/bench_generate.py --out benchmarks/results/bench_generate.json --png docs/figures/bench_generate.png":
         ("tests/test_benchmarks.py", "test_bench_generate"),
-    "python benchmarks/reproduce_moe_mamba.py --out benchmarks/results/reproduce_moe_mamba.json --png docs/figures/reproduce_moe_mamba.png":
+    "python benchmarks/reproduce_moe_mamba.py --lr 2e-3 --no_ablations --out benchmarks/results/reproduce_moe_mamba.json --png docs/figures/reproduce_moe_mamba.png":
         ("tests/test_benchmarks.py", "test_reproduce_moe_mamba"),
-    "python benchmarks/reproduce_moe_mamba.py --steps 1000 --seeds 0,1 --out benchmarks/results/reproduce_moe_mamba_1000.json --png docs/figures/reproduce_moe_mamba_1000.png":
+    "python benchmarks/reproduce_moe_mamba.py --steps 1000 --seeds 0,1 --lr 2e-3 --no_ablations --out benchmarks/results/reproduce_moe_mamba_1000.json --png docs/figures/reproduce_moe_mamba_1000.png":
         ("tests/test_benchmarks.py", "test_reproduce_moe_mamba"),
-    "python benchmarks/reproduce_blackmamba.py --out benchmarks/results/reproduce_blackmamba.json --png docs/figures/reproduce_blackmamba.png":
+    "python benchmarks/reproduce_blackmamba.py --lr 2e-3 --out benchmarks/results/reproduce_blackmamba.json --png docs/figures/reproduce_blackmamba.png":
         ("tests/test_benchmarks.py", "test_reproduce_blackmamba"),
-    "python benchmarks/ablate_routers.py --out benchmarks/results/ablate_routers.json --png docs/figures/ablate_routers.png":
+    "python benchmarks/ablate_routers.py --lr 2e-3 --out benchmarks/results/ablate_routers.json --png docs/figures/ablate_routers.png":
         ("tests/test_benchmarks.py", "test_ablate_routers"),
     "python benchmarks/bench_train.py --out benchmarks/results/bench_train.json --png docs/figures/bench_train.png":
         ("tests/test_benchmarks.py", "test_bench_train"),
+    # The long setting: hours; its tests run it with --quick sizes, and its --plan (slow).
+    "python benchmarks/reproduce_blackmamba.py --scale long --plan --out benchmarks/results/reproduce_blackmamba_long_plan.json":
+        ("tests/test_benchmarks.py", "test_long_plan"),
+    "python benchmarks/reproduce_moe_mamba.py --scale long --plan --out benchmarks/results/reproduce_moe_mamba_long_plan.json":
+        ("tests/test_benchmarks.py", "test_long_plan"),
+    "python benchmarks/reproduce_blackmamba.py --scale long --out benchmarks/results/reproduce_blackmamba_long.json --png docs/figures/reproduce_blackmamba_long.png":
+        ("tests/test_benchmarks.py", "test_reproduce_blackmamba_long_setting"),
+    "python benchmarks/reproduce_moe_mamba.py --scale long --out benchmarks/results/reproduce_moe_mamba_long.json --png docs/figures/reproduce_moe_mamba_long.png":
+        ("tests/test_benchmarks.py", "test_reproduce_moe_mamba_long_setting_resumes_from_its_cache"),
+    "python benchmarks/reproduce_moe_mamba.py --scale long --report_only --out benchmarks/results/reproduce_moe_mamba_long.json --png docs/figures/reproduce_moe_mamba_long.png":
+        ("tests/test_benchmarks.py", "test_reproduce_moe_mamba_long_setting_resumes_from_its_cache"),
+    "python benchmarks/reproduce_blackmamba.py --scale long --budget_from mamba_moe --out benchmarks/results/reproduce_blackmamba_long.json --png docs/figures/reproduce_blackmamba_long.png":
+        ("tests/test_benchmarks.py", "test_reproduce_blackmamba_long_setting"),
 }
 
 

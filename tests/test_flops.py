@@ -31,6 +31,9 @@ CONFIGS = {
     "transformer": dict(layer_pattern=("attention", "mlp"), d_model=64, n_head=2, n_layer=2, d_ff=160),
     "transformer-moe": dict(layer_pattern=("attention", "moe"), d_model=64, n_head=4, n_layer=2, n_experts=4,
                             mlp_activation="geglu", router="sigmoid"),
+    "moe-mamba-parallel": dict(layer_pattern=("parallel",), d_model=48, n_layer=2, n_experts=6, top_k=1,
+                               router="switch", mlp_activation="relu", d_expert=144, tie_embeddings=False,
+                               norm="layernorm", final_norm="none"),
 }
 
 

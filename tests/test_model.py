@@ -20,6 +20,8 @@ FAMILIES = {
     "mamba": dict(preset="mamba-25m"),
     "transformer": dict(preset="transformer-25m", n_head=2, d_ff=48),
     "transformer-moe": dict(preset="transformer-moe-25m", n_head=2, n_experts=3),
+    # MoE-Mamba's parallel design: every block x + mamba(norm(x)) + moe(norm(x))
+    "moe-mamba-parallel": dict(preset="moe-mamba-25m", n_experts=5, layer_pattern=("parallel",)),
 }
 SMALL = dict(vocab_size=50, pad_vocab_size_multiple=16, d_model=32, n_layer=4, d_expert=24, max_seq_len=64)
 
@@ -257,6 +259,7 @@ def test_every_mixer_is_called_the_same_way(family):
     """mixer(h, state=None) -> (out, stats), stats a RouterStats for MoE layers and None otherwise;
     given its state and one token, the same call advances the state (as Model.step does)."""
     from minimamba_moe import RouterStats
+    from minimamba_moe.model import ParallelMambaMoE
     from minimamba_moe.moe import MoE
 
     model = cached_model(family)
@@ -264,7 +267,38 @@ def test_every_mixer_is_called_the_same_way(family):
     for layer in model.layers:
         out, stats = layer.mixer(h)
         assert out.shape == h.shape
-        assert isinstance(stats, RouterStats) if isinstance(layer.mixer, MoE) else stats is None
+        routed = isinstance(layer.mixer, (MoE, ParallelMambaMoE))
+        assert isinstance(stats, RouterStats) if routed else stats is None
         state = layer.mixer.init_state(2)
         outs = [layer.mixer(h[:, t : t + 1], state)[0] for t in range(5)]
         assert_close(torch.cat(outs, 1), out, atol=1e-5, rtol=1e-5, what=f"{type(layer.mixer).__name__} token by token")
+
+
+# ---------------------------------------------------------------------------------------------------
+# MoE-Mamba's parallel design
+
+
+def test_parallel_block_sums_mamba_and_moe_of_one_normalised_input():
+    """x -> x + mamba(norm(x)) + moe(norm(x)): one norm, both mixers on its output, outputs added."""
+    model = small_model("moe-mamba-parallel")
+    block = model.layers[0]
+    x = torch.randn(2, 7, model.config.d_model)
+    h = block.norm(x)
+    expected = x + block.mixer.mamba(h)[0] + block.mixer.moe(h)[0]
+    assert_close(block(x)[0], expected, atol=1e-6, rtol=1e-6, what="parallel block")
+
+
+def test_parallel_parameter_counts_by_hand():
+    """Per parallel block: one LayerNorm, one Mamba mixer, one Switch router and E ReLU experts."""
+    c = ModelConfig.from_preset("moe-mamba-25m", **SMALL, n_experts=5, layer_pattern=("parallel",))
+    d, di, r, n, E, f, V = c.d_model, c.d_inner, c.dt_rank, c.d_state, c.n_experts, c.d_expert, c.padded_vocab_size
+    mamba = d * 2 * di + di * c.d_conv + di + di * (r + 2 * n) + r * di + di + di * n + di + di * d
+    expert = 2 * d * f  # ReLU: w1 (f, d), w2 (d, f)
+    block = 2 * d + mamba + d * E + E * expert  # LayerNorm weight and bias; the Switch router has no bias
+    emb = 2 * V * d  # untied embedding and head
+    got = count_params(c)
+    assert got.total == emb + c.n_layer * block, (got.total, emb + c.n_layer * block)
+    assert got.active == emb + c.n_layer * (block - (E - 1) * expert), got.active
+    # the sequential design at the same width spends the same parameters on twice the blocks
+    seq = count_params(ModelConfig.from_preset("moe-mamba-25m", **{**SMALL, "n_layer": 2 * c.n_layer}, n_experts=5))
+    assert seq.total - got.total == c.n_layer * 2 * d  # one more LayerNorm per Mamba/MoE pair

@@ -75,6 +75,8 @@ def layer_activation_bytes(config: ModelConfig, kind: str, act_bytes: int) -> in
     c, a = config, act_bytes
     d, di = c.d_model, c.d_inner
     block = 4 * d + a * d  # the fp32 residual input (for the norm) and the norm's output
+    if kind == "parallel":  # one block's norm feeding a Mamba and an MoE
+        return layer_activation_bytes(config, "mamba", a) + layer_activation_bytes(config, "moe", a) - block
     if kind == "mamba":  # in_proj's x and z, conv before/after silu, delta and its softplus, y, the scan's own
         return block + a * (9 * di + c.dt_rank + 2 * c.d_state)
     if kind == "moe":  # fp32 router input and logits; per chosen expert: its input row, w1's output, activation
