@@ -159,7 +159,14 @@ def test_the_command_on_the_page_wrote_its_json(page, command, file):
     words = shlex.split(command)
     script = ROOT / next(w for w in words if w.endswith(".py"))
     parsed = vars(_script_parser(script).parse_args(words[words.index(script.relative_to(ROOT).as_posix()) + 1:]))
-    # "auto" is a default the script resolves when it runs (--clock auto: cpu on a CPU) and records resolved.
-    differ = {k: (parsed[k], v) for k, v in data["args"].items() if k in parsed and parsed[k] != v and parsed[k] != "auto"}
+    # "auto" is a default the script resolves when it runs (--clock auto: cpu on a CPU) and records resolved;
+    # so are the settings --scale long derives (benchmarks/common.py settle_scale and the scripts' main).
+    # --jobs, --cache, --report_only and --plan say how runs are executed and kept, not what they compute.
+    # --png is an output, not a setting; --ema_alpha's None means "scaled to the run's length".
+    resolved = {"jobs", "cache", "report_only", "plan", "png"} | {k for k in ("ema_alpha",) if parsed.get(k) is None}
+    if parsed.get("scale") == "long":
+        resolved |= {"d_model", "batch_size", "seq_len", "steps", "eval_batches", "seeds"}
+    differ = {k: (parsed[k], v) for k, v in data["args"].items()
+              if k in parsed and k not in resolved and parsed[k] != v and parsed[k] != "auto"}
     assert not differ, (f"{where}: {command!r} does not run what wrote {file}; "
                         f"setting: (the page's command, the JSON's) = {differ}")
