@@ -20,7 +20,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from common import machine, write_json  # noqa: E402
+from common import Transcript, write_benchmark_json  # noqa: E402
 
 from minimamba_moe import fast, reference  # noqa: E402
 
@@ -87,11 +87,8 @@ def main():
     CLOCK = time.process_time if args.clock == "cpu" else time.perf_counter
     torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
-    lines, rows = [], []
+    say, rows = Transcript(), []
 
-    def say(line=""):
-        print(line, flush=True)
-        lines.append(line)
 
     say(f"device {args.device}, {args.dtype}, {torch.get_num_threads()} threads, median of {args.repeats}, "
         f"{args.clock} clock")
@@ -106,10 +103,7 @@ def main():
                          "fast_ms": 1e3 * t_fast, "ratio": t_ref / t_fast})
             say(f"| {T} | {d} | {f} | {E} | {k} | {name} | {1e3 * t_ref:.1f} | {1e3 * t_fast:.1f} "
                 f"| {t_ref / t_fast:.2f}x |")
-    write_json(args.out, {"command": "python benchmarks/bench_moe.py " + " ".join(sys.argv[1:]),
-                          "machine": {**machine(), "load_average": os.getloadavg()},
-                          "settings": {k: v for k, v in vars(args).items() if k != "out"},
-                          "rows": rows, "output": "\n".join(lines)})
+    write_benchmark_json(args.out, "bench_moe.py", args, say, rows=rows)
 
 
 if __name__ == "__main__":

@@ -175,11 +175,11 @@ def main():
         out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=True).stdout
         return json.loads(out.strip().splitlines()[-1])
 
-    lines, rows = [], []
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from common import Transcript, write_benchmark_json
 
-    def say(line=""):
-        print(line, flush=True)
-        lines.append(line)
+    say, rows = Transcript(), []
+
 
     say(f"selective scan, b={b}, d_inner={d}, d_state={n}, fp32, delta_softplus, D, z, delta_bias; "
           f"{a.threads} threads, {a.clock} clock; fast: median of {a.repeats}, reference: median of {a.ref_repeats}")
@@ -211,14 +211,8 @@ def main():
     except ImportError as e:
         say(f"\nTriton section skipped: {e}")
     if a.out:
-        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-        from common import machine, write_json
-
         torch.set_num_threads(a.threads)  # what machine() reports: the threads every case ran with
-        write_json(a.out, {"command": "python benchmarks/bench_scan.py " + " ".join(sys.argv[1:]),
-                           "machine": {**machine(), "load_average": os.getloadavg()},
-                           "settings": {k: v for k, v in vars(a).items() if k not in ("case", "out")},
-                           "rows": rows, "output": "\n".join(lines)})
+        write_benchmark_json(a.out, "bench_scan.py", a, say, drop=("case", "out"), rows=rows)
 
 
 if __name__ == "__main__":

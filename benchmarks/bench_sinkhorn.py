@@ -24,7 +24,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import machine, write_json  # noqa: E402
+from common import Transcript, write_benchmark_json  # noqa: E402
 from minimamba_moe import fast, reference  # noqa: E402
 
 STDS = (0.1, 0.3, 1.0, 2.0, 5.0)
@@ -71,11 +71,8 @@ def main():
     clock = time.process_time if args.clock == "cpu" else time.perf_counter
     torch.set_num_threads(args.threads)
     T, E = args.tokens, args.experts
-    lines, balance, timing = [], [], []
+    say, balance, timing = Transcript(), [], []
 
-    def say(line=""):
-        print(line, flush=True)
-        lines.append(line)
 
     say(f"T = {T} tokens, E = {E} experts, tol 1e-4, cap 100 passes, logit_scale 2, device {args.device}, "
         f"{args.clock} clock\n")
@@ -105,10 +102,7 @@ def main():
                            "fast_ms": 1e3 * t_fast, "ratio": t_ref / t_fast})
             say(f"| {std} | {init} + {stopping} | {n} | {1e3 * t_ref:.2f} | {1e3 * t_fast:.2f} "
                 f"| {t_ref / t_fast:.2f}x |")
-    write_json(args.out, {"command": "python benchmarks/bench_sinkhorn.py " + " ".join(sys.argv[1:]),
-                          "machine": {**machine(), "load_average": os.getloadavg()},
-                          "settings": {k: v for k, v in vars(args).items() if k != "out"},
-                          "balance": balance, "timing": timing, "output": "\n".join(lines)})
+    write_benchmark_json(args.out, "bench_sinkhorn.py", args, say, balance=balance, timing=timing)
 
 
 if __name__ == "__main__":

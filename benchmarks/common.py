@@ -904,6 +904,30 @@ def machine() -> dict:
             "threads": torch.get_num_threads()}
 
 
+class Transcript:
+    """What a benchmark prints, line by line, kept so its JSON holds the table verbatim (the pages quote it)."""
+
+    def __init__(self):
+        self.lines: list[str] = []
+
+    def __call__(self, line: str = "") -> None:
+        print(line, flush=True)
+        self.lines.append(line)
+
+    @property
+    def text(self) -> str:
+        return "\n".join(self.lines)
+
+
+def write_benchmark_json(path: str, script: str, args, say: Transcript, drop=("out",), **results) -> None:
+    """A kernel benchmark's JSON: the command that ran, the machine and its load, the settings, the
+    results and the printed output."""
+    write_json(path, {"command": f"python benchmarks/{script} " + " ".join(sys.argv[1:]),
+                      "machine": {**machine(), "load_average": os.getloadavg()},
+                      "settings": {k: v for k, v in vars(args).items() if k not in drop},
+                      **results, "output": say.text})
+
+
 def table(headers: list[str], rows: list[list]) -> str:
     """A Markdown table; floats to 4 significant digits."""
     def fmt(v):
@@ -1045,3 +1069,22 @@ def measure_parallelism(config: ModelConfig, folder: Path, args, jobs: int = 2) 
     return {"one_thread_tokens_per_s": one, f"{jobs}_threads_tokens_per_s": threaded,
             f"{jobs}x1_thread_tokens_per_s": sum(side), "parallel_efficiency": sum(side) / (jobs * one),
             "best": "side by side" if sum(side) > threaded else "threads"}
+
+
+def run_plan(configs: dict, folder: Path, args, runs: list[tuple[str, int]], tokens_per_step: int, setting: dict,
+             headers: list[str], row) -> dict:
+    """--plan: each model's tokens/s on one thread, the side-by-side efficiency of ``args.jobs`` runs,
+    and the time ``runs`` ((model, steps) pairs) would take; printed, and returned for the JSON.
+    ``row(name)`` gives a model's cells under ``headers``; its tokens/s is added after them."""
+    tps = measure_tokens_per_s(configs, folder, args, steps=2 if args.quick else 4)
+    par = measure_parallelism(configs["mamba_moe"], folder, args, args.jobs) if args.jobs > 1 else None
+    eff = par["parallel_efficiency"] if par else 1.0
+    plan = {"tokens_per_s_one_thread": tps, "parallelism": par,
+            **plan_estimate(runs, tps, tokens_per_step, args.jobs, eff)}
+    print(table(["setting", "value"], [[k, v] for k, v in setting.items()]))
+    print(table([*headers, "tokens/s (1 thread)"], [[*row(n), tps[n]] for n in configs]))
+    if par:
+        print(table(["one model, tokens/s", "value"], [[k, v] for k, v in par.items()]))
+    print(f"\n{plan['runs']} runs (sweep extensions not counted): {plan['serial_s'] / 3600:.2f} h on one thread, "
+          f"about {plan['estimate_s'] / 3600:.2f} h with {args.jobs} side by side")
+    return plan

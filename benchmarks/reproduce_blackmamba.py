@@ -52,9 +52,8 @@ import torch
 
 from common import (FAMILIES, LABELS, PAIRED_HEADERS, Runner, add_data_args, add_model_args, add_training_args,
                     base_parser, describe, draw_specialisation, equal_active_configs, imbalance, lr_grid, machine,
-                    measure_parallelism, measure_tokens_per_s, paired, paired_table, plan_estimate, plot, prepare,
-                    settle_scale, specialisation_depth_rows, specialisation_rows, spread, sweep_rows, sweep_with, table, task,
-                    train_kw, verdict, write_json)
+                    paired, paired_table, plot, prepare, run_plan, settle_scale, specialisation_depth_rows,
+                    specialisation_rows, spread, sweep_rows, sweep_with, table, task, train_kw, verdict, write_json)
 
 from minimamba_moe.flops import flops_per_token
 from minimamba_moe.run.data import Batches
@@ -127,22 +126,12 @@ def main():
     models = results["models"]
     track = max(1, models["mamba_moe"]["steps"] // 50)
     if args.plan:
-        tps = measure_tokens_per_s(configs, folder, args, steps=2 if args.quick else 4)
         grid_n = len(lr_grid(args.lr_grid))
         runs = [(f, models[f]["sweep_steps"]) for f in configs for _ in range(grid_n)] if args.lr is None else []
         runs += [(f, models[f]["steps"]) for f in configs for _ in seeds]
-        par = measure_parallelism(configs["mamba_moe"], folder, args, args.jobs) if args.jobs > 1 else None
-        eff = par["parallel_efficiency"] if par else 1.0
-        results["plan"] = {"tokens_per_s_one_thread": tps, "parallelism": par,
-                           **plan_estimate(runs, tps, tokens_per_step, args.jobs, eff)}
-        print(table(["setting", "value"], [[k, v] for k, v in setting.items()]))
-        print(table(["model", "active params", "steps", "tokens/s (1 thread)"],
-                    [[LABELS[f], models[f]["params_active"], models[f]["steps"], tps[f]] for f in configs]))
-        if par:
-            print(table(["one model, tokens/s", "value"], [[k, v] for k, v in par.items()]))
-        pl = results["plan"]
-        print(f"\n{pl['runs']} runs (sweep extensions not counted): {pl['serial_s'] / 3600:.2f} h on one thread, "
-              f"about {pl['estimate_s'] / 3600:.2f} h with {args.jobs} side by side")
+        results["plan"] = run_plan(configs, folder, args, runs, tokens_per_step, setting,
+                                   ["model", "active params", "steps"],
+                                   lambda f: [LABELS[f], models[f]["params_active"], models[f]["steps"]])
         write_json(args.out, results)
         return
 

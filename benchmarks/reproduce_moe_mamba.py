@@ -50,10 +50,9 @@ import os
 import torch
 
 from common import (PAIRED_HEADERS, Runner, add_data_args, add_model_args, add_training_args, base_parser, describe,
-                    draw_specialisation, ema, equal_active_configs, lr_grid, machine, measure_parallelism,
-                    measure_tokens_per_s, paired, paired_table, plan_estimate, plot, prepare, settle_scale,
-                    specialisation_depth_rows, specialisation_rows, spread, steps_to_reach, sweep_rows, sweep_with, table,
-                    task, train_kw, verdict, write_json)
+                    draw_specialisation, ema, equal_active_configs, lr_grid, machine, paired, paired_table, plot,
+                    prepare, run_plan, settle_scale, specialisation_depth_rows, specialisation_rows, spread,
+                    steps_to_reach, sweep_rows, sweep_with, table, task, train_kw, verdict, write_json)
 
 from minimamba_moe.config import ModelConfig
 
@@ -136,24 +135,14 @@ def main():
                "models": {f: describe(c, args.seq_len) for f, c in configs.items()}}
     main_names = ["mamba", "mamba_moe"]
     if args.plan:
-        tps = measure_tokens_per_s(configs, folder, args, steps=2 if args.quick else 4)
         grid_n = len(lr_grid(args.lr_grid))
         runs = [(n, setting["sweep_steps"]) for n in configs for _ in range(grid_n)] if args.lr is None else []
         runs += [(n, setting["steps"]) for n in main_names for _ in seeds]
         runs += [(n, setting["steps"]) for n in configs if n not in main_names for _ in ab_seeds]
-        par = measure_parallelism(configs["mamba_moe"], folder, args, args.jobs) if args.jobs > 1 else None
-        eff = par["parallel_efficiency"] if par else 1.0
-        results["plan"] = {"tokens_per_s_one_thread": tps, "parallelism": par,
-                           **plan_estimate(runs, tps, args.batch_size * args.seq_len, args.jobs, eff)}
-        print(table(["setting", "value"], [[k, v] for k, v in setting.items()]))
-        print(table(["model", "active params", "total params", "tokens/s (1 thread)"],
-                    [[label(n), results["models"][n]["params_active"], results["models"][n]["params_total"], tps[n]]
-                     for n in configs]))
-        if par:
-            print(table(["one model, tokens/s", "value"], [[k, v] for k, v in par.items()]))
-        pl = results["plan"]
-        print(f"\n{pl['runs']} runs (sweep extensions not counted): {pl['serial_s'] / 3600:.2f} h on one thread, "
-              f"about {pl['estimate_s'] / 3600:.2f} h with {args.jobs} side by side")
+        models = results["models"]
+        results["plan"] = run_plan(configs, folder, args, runs, args.batch_size * args.seq_len, setting,
+                                   ["model", "active params", "total params"],
+                                   lambda n: [label(n), models[n]["params_active"], models[n]["params_total"]])
         write_json(args.out, results)
         return
 

@@ -22,7 +22,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from common import machine, write_json  # noqa: E402
+from common import Transcript, machine, write_json  # noqa: E402
 
 from minimamba_moe import reference  # noqa: E402
 
@@ -44,11 +44,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     seeds = [int(s) for s in args.seeds.split(",")]
-    lines, rows = [], []
+    say, rows = Transcript(), []
 
-    def say(line=""):
-        print(line, flush=True)
-        lines.append(line)
 
     say(f"E = {args.experts} experts, logits N(0, 1) + shift, released rule (blackmamba init, absolute stop, "
         f"tol 1e-4, logit_scale 2), seeds {args.seeds}")
@@ -62,7 +59,7 @@ def main(argv=None):
     command = "python benchmarks/sinkhorn_passes.py " + " ".join(sys.argv[1:] if argv is None else argv)
     write_json(args.out, {"command": command.rstrip(), "machine": machine(), "experts": args.experts, "seeds": seeds,
                           "rows": rows, "by": {f"{r['shift']:g},{r['tokens']}": r for r in rows},
-                          "output": "\n".join(lines)})
+                          "output": say.text})
 
 
 if __name__ == "__main__":
