@@ -106,7 +106,7 @@ def main():
                       "default: each model's best from the sweep")
     p.add_argument("--lr_moe", type=float, default=None)
     p.add_argument("--ema_alpha", type=float, default=None,
-                   help="smoothing of the training loss (default 0.05; long: 1 / (2% of the steps); paper: 0.001 "
+                   help="smoothing of the training loss (default 0.05; long: 1 / (2%% of the steps); paper: 0.001 "
                         "over 150K steps)")
     p.add_argument("--experts", default="1,4,8,16,32", help="expert counts of the ablation (1 = the dense control)")
     p.add_argument("--ablation_seeds", default="0", help="seeds of the expert-count and parallel rows")
