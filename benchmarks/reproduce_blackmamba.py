@@ -156,8 +156,8 @@ def main():
     results["sweep"], results["lrs"] = sweep, lrs
     # seed by seed, so that a job cut off leaves whole paired comparisons behind
     tasks = {f"{f}/seed={seed}": make(f, seed, lrs[f]) for seed in seeds for f in configs if lrs[f] is not None}
-    print(f"main runs: {len(tasks)}; Mamba+MoE: {setting['steps']} steps of {tokens_per_step} tokens "
-          f"({setting['tokens_per_active']:.1f} tokens per active parameter)")
+    print(f"main runs: {len(tasks)}; Mamba+MoE: {models['mamba_moe']['steps']} steps of {tokens_per_step} tokens "
+          f"({models['mamba_moe']['tokens_per_active']:.1f} tokens per active parameter)")
     done = runner.run(tasks)
     runner.close()
     runs = {f: {} for f in configs}

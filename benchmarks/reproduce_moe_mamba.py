@@ -284,7 +284,11 @@ def main():
         ax.set_xlabel("peak learning rate")
         ax.set_ylabel(f"val loss after {setting['sweep_steps']} steps")
         ax.set_title("learning-rate sweep (each model's best is used)", fontsize=9)
-        ax.legend(fontsize=7)
+        if sweep:
+            ax.legend(fontsize=7)
+        else:  # --lr: nothing was swept
+            ax.text(0.5, 0.5, "no sweep: fixed rates\n" + "\n".join(f"{label(n)}: {lr:g}" for n, lr in lrs.items()),
+                    ha="center", va="center", fontsize=8, transform=ax.transAxes)
         ax.grid(alpha=0.3)
         ax = axes[2]
         pts = sorted((experts_of(n, args), r["final_val_loss"]) for n in configs if experts_of(n, args)

@@ -208,18 +208,20 @@ RUN_ELSEWHERE = {
     "python benchmarks/bench_train.py --out benchmarks/results/bench_train.json --png docs/figures/bench_train.png":
         ("tests/test_benchmarks.py", "test_bench_train"),
     # The long setting: hours; its tests run it with --quick sizes, and its --plan (slow).
-    "python benchmarks/reproduce_blackmamba.py --scale long --plan --out out/plan_blackmamba.json":
+    "python benchmarks/reproduce_blackmamba.py --scale long --plan --out benchmarks/results/reproduce_blackmamba_long_plan.json":
         ("tests/test_benchmarks.py", "test_long_plan"),
     "python benchmarks/reproduce_moe_mamba.py --scale long --plan --out benchmarks/results/reproduce_moe_mamba_long_plan.json":
         ("tests/test_benchmarks.py", "test_long_plan"),
-    "python benchmarks/reproduce_blackmamba.py --scale long --out out/reproduce_blackmamba_long.json --png out/reproduce_blackmamba_long.png":
+    "python benchmarks/reproduce_blackmamba.py --scale long --out benchmarks/results/reproduce_blackmamba_long.json --png docs/figures/reproduce_blackmamba_long.png":
         ("tests/test_benchmarks.py", "test_reproduce_blackmamba_long_setting"),
     "python benchmarks/reproduce_moe_mamba.py --scale long --out benchmarks/results/reproduce_moe_mamba_long.json --png docs/figures/reproduce_moe_mamba_long.png":
         ("tests/test_benchmarks.py", "test_reproduce_moe_mamba_long_setting_resumes_from_its_cache"),
     "python benchmarks/reproduce_moe_mamba.py --scale long --report_only --out benchmarks/results/reproduce_moe_mamba_long.json --png docs/figures/reproduce_moe_mamba_long.png":
         ("tests/test_benchmarks.py", "test_reproduce_moe_mamba_long_setting_resumes_from_its_cache"),
-    "python benchmarks/reproduce_blackmamba.py --scale long --budget_from mamba_moe --out benchmarks/results/reproduce_blackmamba_long.json --png docs/figures/reproduce_blackmamba_long.png":
+    "python benchmarks/reproduce_blackmamba.py --scale long --budget_from mamba_moe --out benchmarks/results/reproduce_blackmamba_long_budget_mamba_moe.json --png docs/figures/reproduce_blackmamba_long_budget_mamba_moe.png":
         ("tests/test_benchmarks.py", "test_reproduce_blackmamba_long_setting"),
+    "python benchmarks/reproduce_moe_mamba.py --scale long --lr 0.032 --lr_moe 0.016 --out benchmarks/results/reproduce_moe_mamba_long_fixed_lr.json --png docs/figures/reproduce_moe_mamba_long_fixed_lr.png":
+        ("tests/test_benchmarks.py", "test_reproduce_moe_mamba_long_setting_resumes_from_its_cache"),
 }
 
 

@@ -162,8 +162,10 @@ def test_the_command_on_the_page_wrote_its_json(page, command, file):
     # "auto" is a default the script resolves when it runs (--clock auto: cpu on a CPU) and records resolved;
     # so are the settings --scale long derives (benchmarks/common.py settle_scale and the scripts' main).
     # --jobs, --cache, --report_only and --plan say how runs are executed and kept, not what they compute.
-    # --png is an output, not a setting; --ema_alpha's None means "scaled to the run's length".
-    resolved = {"jobs", "cache", "report_only", "plan", "png"} | {k for k in ("ema_alpha",) if parsed.get(k) is None}
+    # --png is an output, not a setting; --ema_alpha's None means "scaled to the run's length", --budget_from's
+    # "the scale's rule" (max when long). --out is the file under test (a committed result may have been renamed).
+    resolved = {"jobs", "cache", "report_only", "plan", "png", "out"} | \
+        {k for k in ("ema_alpha", "budget_from") if parsed.get(k) is None}
     if parsed.get("scale") == "long":
         resolved |= {"d_model", "batch_size", "seq_len", "steps", "eval_batches", "seeds"}
     differ = {k: (parsed[k], v) for k, v in data["args"].items()
