@@ -26,11 +26,12 @@ share of training tokens whose argmax expert differs from the Sinkhorn-chosen on
 over training (``routing_disagreement``, 50 points). The table gives the paired differences
 under both routings.
 
-Scales: ``default`` (250 Mamba+MoE steps of 8 x 128 bytes, 3 seeds: a quick look) and ``long``
-(common.long_setting: >= 50 training tokens per active parameter of the Mamba+MoE model, batch
-32 x 128, warmup max(30, 1%), 64 validation batches on a held-out tenth of the documents, 3
-seeds, 2 runs side by side, each finished run cached in out/cache/reproduce_blackmamba-long;
---plan prints the numbers and a time estimate).
+Scales: ``default`` (250 Mamba+MoE steps of 8 x 128 bytes, 3 seeds: a quick look, about 7 min
+on one core of a quiet CPU) and ``long`` (common.long_setting: >= 50 training tokens per active
+parameter for every model (--budget_from max), batch 32 x 128, warmup max(30, 1%), 64
+validation batches on a held-out tenth of the documents, 3 seeds, 2 runs side by side, each
+finished run cached in out/cache/reproduce_blackmamba-long; 39 min from scratch on a quiet
+2-core CPU; --plan prints the numbers and a time estimate).
 
 What differs from the paper, on purpose: bytes of Python source instead of 300B tokens of a web
 mix, a tiny model; the last layers of a 2-MoE-layer model are not the last layers of a

@@ -22,11 +22,12 @@ Learning rates: every model gets its own, the best of a sweep (common.sweep_lrs:
 the best is at an edge). --lr fixes one rate for all (and --lr_moe another for the MoE models).
 
 Scales: ``default`` (300 steps of 8 x 128 bytes, 3 seeds for the main pair, 1 for the rest:
-a quick look, ~10-15 min on a 2-core CPU) and ``long`` (common.long_setting: >= 50 training tokens
-per active parameter, batch 32 x 128, warmup max(30, 1%), 64 validation batches spread over a
-held-out tenth of the documents, EMA window 2% of the run, 2 runs side by side on 2 cores,
-each finished run cached in out/cache/reproduce_moe_mamba-long so that a job cut off resumes;
---plan prints its numbers and a time estimate). Every comparison is reported per seed as a
+a quick look, about 16 min on one core of a quiet CPU, sweeps included) and ``long``
+(common.long_setting: >= 50 training tokens per active parameter, batch 32 x 128, warmup
+max(30, 1%), 64 validation batches spread over a held-out tenth of the documents, EMA window
+2% of the run, 2 runs side by side on 2 cores, each finished run cached in
+out/cache/reproduce_moe_mamba-long so that a job cut off resumes; about an hour on a quiet
+2-core CPU; --plan prints its numbers and a time estimate). Every comparison is reported per seed as a
 paired difference (MoE variant minus its counterpart, both scored on the same validation
 batches) with its validation standard error, and a verdict (common.verdict).
 
