@@ -220,7 +220,7 @@ RUN_ELSEWHERE = {
         ("tests/test_benchmarks.py", "test_reproduce_moe_mamba_long_setting_resumes_from_its_cache"),
     "python benchmarks/reproduce_blackmamba.py --scale long --budget_from mamba_moe --out benchmarks/results/reproduce_blackmamba_long_budget_mamba_moe.json --png docs/figures/reproduce_blackmamba_long_budget_mamba_moe.png":
         ("tests/test_benchmarks.py", "test_reproduce_blackmamba_long_setting"),
-    "python benchmarks/reproduce_moe_mamba.py --scale long --lr 0.032 --lr_moe 0.016 --out benchmarks/results/reproduce_moe_mamba_long_fixed_lr.json --png docs/figures/reproduce_moe_mamba_long_fixed_lr.png":
+    "python benchmarks/reproduce_moe_mamba.py --scale long --lr 0.032 --lr_moe 0.016 --ablation_seeds 0,1 --out benchmarks/results/reproduce_moe_mamba_long_fixed_lr.json --png docs/figures/reproduce_moe_mamba_long_fixed_lr.png":
         ("tests/test_benchmarks.py", "test_reproduce_moe_mamba_long_setting_resumes_from_its_cache"),
 }
 
