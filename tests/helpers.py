@@ -2,8 +2,15 @@
 which optional extras of pyproject.toml are installed (for the ``needs_extra`` marker, see conftest.py)."""
 
 import importlib.util
+from pathlib import Path
 
 import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+# Every sub-package and its folder (tests/test_structure.py checks that no package folder is missing).
+PACKAGES = {"minimamba_moe": ROOT / "minimamba_moe", "minimamba_moe.run": ROOT / "minimamba_moe" / "run",
+            "minimamba_moe.interop": ROOT / "minimamba_moe" / "interop", "minimamba_moe.reference": ROOT / "reference",
+            "minimamba_moe.fast": ROOT / "fast", "minimamba_moe.fast.aot": ROOT / "fast" / "aot"}
 
 # The optional extras of pyproject.toml's [project.optional-dependencies] that tests need, and the
 # modules each installs (tests/test_readme.py holds this to pyproject.toml). `dev` is the README's set-up.
@@ -14,6 +21,15 @@ EXTRAS = {
     "docs": ("mkdocs", "material", "mkdocstrings", "latex2mathml", "ruff", "jupytext"),
     "docs-test": ("playwright", "jupytext", "nbclient", "ipykernel"),
 }
+
+
+def modules() -> dict[str, Path]:
+    """Every module of the package, by its installed name."""
+    found = {}
+    for package, folder in PACKAGES.items():
+        for f in sorted(folder.glob("*.py")):
+            found[package if f.stem == "__init__" else f"{package}.{f.stem}"] = f
+    return found
 
 
 def missing_from_extra(extra: str) -> list[str]:

@@ -207,6 +207,11 @@ RUN_ELSEWHERE = {
         ("tests/test_benchmarks.py", "test_ablate_routers"),
     "python benchmarks/bench_train.py --out benchmarks/results/bench_train.json --png docs/figures/bench_train.png":
         ("tests/test_benchmarks.py", "test_bench_train"),
+    # The default scale's time (benchmarks.md, "Rerunning"): a quarter of an hour; its tests run it with --quick.
+    "/usr/bin/time -v nice -n 19 python benchmarks/reproduce_moe_mamba.py --out out/default_reproduce_moe_mamba.json --png out/default_reproduce_moe_mamba.png":
+        ("tests/test_benchmarks.py", "test_reproduce_moe_mamba"),
+    "/usr/bin/time -v nice -n 19 python benchmarks/reproduce_blackmamba.py --out out/default_reproduce_blackmamba.json --png out/default_reproduce_blackmamba.png":
+        ("tests/test_benchmarks.py", "test_reproduce_blackmamba"),
     # The long setting: hours; its tests run it with --quick sizes, and its --plan (slow).
     "python benchmarks/reproduce_blackmamba.py --scale long --plan --out benchmarks/results/reproduce_blackmamba_long_plan.json":
         ("tests/test_benchmarks.py", "test_long_plan"),

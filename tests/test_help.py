@@ -11,17 +11,22 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import modules
+
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = sorted(p for p in [*ROOT.glob("*.py"), *(ROOT / "benchmarks").glob("*.py")]
                  if 'if __name__ == "__main__"' in p.read_text())
-# interop.harness hands its arguments to lm-eval's own CLI (the `eval` extra): see test_harness.py
-MODULES = ["minimamba_moe.run.plot", "minimamba_moe.run.distributed", "minimamba_moe.interop.convert",
-           "minimamba_moe.interop.perplexity", "minimamba_moe.fast.aot"]
+# `python -m` commands: a module with a main guard, or a package's __main__. interop.harness hands its
+# arguments to lm-eval's own CLI (the `eval` extra): see test_harness.py.
+MODULES = sorted(name.removesuffix(".__main__") for name, f in modules().items()
+                 if (f.name == "__main__.py" or 'if __name__ == "__main__"' in f.read_text())
+                 and name != "minimamba_moe.interop.harness")
 
 
 def test_the_lists_are_not_empty():
     names = {p.name for p in SCRIPTS}
     assert {"train.py", "sample.py", "reproduce_moe_mamba.py", "reproduce_blackmamba.py"} <= names, names
+    assert {"minimamba_moe.run.plot", "minimamba_moe.fast.aot"} <= set(MODULES), MODULES
 
 
 @pytest.mark.filterwarnings("ignore:.*found in sys.modules:RuntimeWarning")  # runpy on an imported module

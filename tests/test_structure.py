@@ -16,22 +16,11 @@ import pytest
 
 from minimamba_moe import fast, reference
 from minimamba_moe.ops import OP_NAMES
+from tests.helpers import PACKAGES, modules
 
 ROOT = Path(__file__).resolve().parent.parent
-PACKAGES = {"minimamba_moe": ROOT / "minimamba_moe", "minimamba_moe.run": ROOT / "minimamba_moe" / "run",
-            "minimamba_moe.interop": ROOT / "minimamba_moe" / "interop", "minimamba_moe.reference": ROOT / "reference",
-            "minimamba_moe.fast": ROOT / "fast", "minimamba_moe.fast.aot": ROOT / "fast" / "aot"}
 # The package top is the model and only the model, in the order the docs teach it.
 MODEL_MODULES = ["config", "ops", "mamba", "moe", "attention", "model", "generate", "flops"]
-
-
-def modules() -> dict[str, Path]:
-    """Every module of the package, by its installed name."""
-    found = {}
-    for package, folder in PACKAGES.items():
-        for f in sorted(folder.glob("*.py")):
-            found[package if f.stem == "__init__" else f"{package}.{f.stem}"] = f
-    return found
 
 
 MODULES = modules()
